@@ -1,0 +1,170 @@
+"""The reference backend: plain numpy, float32. This file is the definition of every op;
+faster backends are tested against it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..graph import Node
+
+
+def _heads(x: np.ndarray, heads: int) -> np.ndarray:
+    """[rows, heads*d] -> [heads, rows, d]"""
+    return x.reshape(x.shape[0], heads, -1).transpose(1, 0, 2)
+
+
+def _softmax_attend(q, k, v, bias) -> np.ndarray:
+    """q [H, n, d], k/v [H, m, d], bias broadcastable to [H, n, m] (0 or -inf) -> [n, H*d]."""
+    scores = (q @ k.transpose(0, 2, 1)) * np.float32(1.0 / math.sqrt(q.shape[-1])) + bias
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights.astype(np.float32) @ v
+    return out.transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+
+def _expand_kv(x: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
+    """Grouped-query attention: query head h reads kv head h // (heads / kv_heads)."""
+    return np.repeat(_heads(x, kv_heads), heads // kv_heads, axis=0)
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
+    """cos and sin [rows, head_dim] in float32, computed as transformers' Llama does."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
+    freqs = positions.astype(np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def op_linear(node, x, w, *extra):
+    out = x @ w.T
+    for e in extra:  # bias [out] and/or residual [rows, out], in that order
+        out = out + e
+    return out
+
+
+def op_attention(node: Node, q, k, v, key_mask=None):
+    a = node.attrs
+    heads, kv_heads, block = a["num_heads"], a["num_kv_heads"], a["block"]
+    outs = []
+    for s in range(q.shape[0] // block):
+        rows = slice(s * block, (s + 1) * block)
+        bias = np.zeros((block, block), np.float32)
+        if a["causal"]:
+            bias = np.where(np.tril(np.ones((block, block), bool)), 0.0, -np.inf).astype(np.float32)
+        if key_mask is not None:
+            bias = bias + np.where(key_mask[s] > 0, 0.0, -np.inf).astype(np.float32)[None, :]
+        outs.append(_softmax_attend(_heads(q[rows], heads), _expand_kv(k[rows], heads, kv_heads),
+                                    _expand_kv(v[rows], heads, kv_heads), bias))
+    return np.concatenate(outs, axis=0)
+
+
+def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
+    a = node.attrs
+    heads, kv_heads = a["num_heads"], a["num_kv_heads"]
+    k_cache[slots, positions] = k
+    v_cache[slots, positions] = v
+    out = np.empty_like(q)
+    for i, (slot, pos) in enumerate(zip(slots, positions)):
+        keys = _expand_kv(k_cache[slot, : pos + 1], heads, kv_heads)
+        values = _expand_kv(v_cache[slot, : pos + 1], heads, kv_heads)
+        out[i] = _softmax_attend(_heads(q[i : i + 1], heads), keys, values, np.float32(0))[0]
+    return out
+
+
+def op_rope(node: Node, x, positions=None):
+    if positions is None:
+        positions = np.arange(x.shape[0])
+    d = node.attrs["head_dim"]
+    cos, sin = rope_tables(positions, d, node.attrs["theta"])
+    xh = x.reshape(x.shape[0], -1, d)
+    rotated = np.concatenate([-xh[..., d // 2:], xh[..., : d // 2]], axis=-1)
+    return (xh * cos[:, None, :] + rotated * sin[:, None, :]).reshape(x.shape)
+
+
+def op_layer_norm(node, x, w, b):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(node.attrs["eps"])) * w + b
+
+
+def op_rms_norm(node, x, w):
+    ms = (x * x).mean(axis=-1, keepdims=True)
+    return w * (x / np.sqrt(ms + np.float32(node.attrs["eps"])))
+
+
+def gelu_tanh(x):
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def op_pixel_shuffle(node, x):
+    images, s = node.attrs["images"], node.attrs["scale"]
+    rows, d = x.shape
+    side = int(round((rows // images) ** 0.5))
+    g = x.reshape(images, side // s, s, side // s, s, d)  # [img, out_row, dy, out_col, dx, d]
+    # SmolVLM's order: each output vector is [dy][dx][d] flattened.
+    return g.transpose(0, 1, 3, 2, 4, 5).reshape(node.shape)
+
+
+def op_scatter_rows(node, base, index, src):
+    out = base.copy()
+    out[index] = src
+    return out
+
+
+def op_slice(node, x):
+    idx = [slice(None)] * x.ndim
+    idx[node.attrs["axis"]] = slice(node.attrs["start"], node.attrs["stop"])
+    return x[tuple(idx)]
+
+
+OPS = {
+    "linear": op_linear,
+    "matmul": lambda n, a, b: a @ b,
+    "add": lambda n, a, b: a + b,
+    "mul": lambda n, a, b: a * b,
+    "bias_add": lambda n, x, b: x + b,
+    "gelu": lambda n, x: gelu_tanh(x),
+    "silu": lambda n, x: silu(x),
+    "swiglu": lambda n, g, u: silu(g) * u,
+    "layer_norm": op_layer_norm,
+    "rms_norm": op_rms_norm,
+    "rope": op_rope,
+    "attention": op_attention,
+    "cached_attention": op_cached_attention,
+    "embedding": lambda n, ids, table: table[ids],
+    "scatter_rows": op_scatter_rows,
+    "reshape": lambda n, x: x.reshape(n.shape),
+    "concat": lambda n, *xs: np.concatenate(xs, axis=n.attrs["axis"]),
+    "slice": op_slice,
+    "pixel_shuffle": op_pixel_shuffle,
+}
+
+
+class NumpyBackend:
+    """Executes dispatches with numpy. Arrays are float32 / uint32 numpy arrays."""
+
+    name = "numpy"
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def from_host(self, array: np.ndarray, dtype: str) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=np.uint32 if dtype == "u32" else np.float32)
+
+    def to_host(self, value) -> np.ndarray:
+        return np.asarray(value)
+
+    def zeros(self, shape) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def run(self, node: Node, args: list):
+        out = OPS[node.op](node, *args)
+        return out.astype(node.dtype == "u32" and np.uint32 or np.float32, copy=False)

@@ -1,0 +1,335 @@
+"""The graph IR: one small node type and a builder with a method per operation.
+
+A model is written once as calls on a `Graph`; each call checks shapes at build time and
+returns a `Node`. Values are 2-D row-major tensors in almost every op ([rows, features]),
+which keeps the op set small and the kernels simple. `backends/numpy_backend.py` defines
+what each op computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+DTYPES = ("f32", "u32")
+
+
+class GraphError(ValueError):
+    """A node was built with operands of the wrong shape or type."""
+
+
+class TensorType(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Node:
+    """One value in the graph: the op that makes it, its operands, its type, its attributes.
+
+    `name` is set for graph inputs, parameters and states (persistent buffers such as a KV cache).
+    """
+
+    op: str
+    inputs: tuple["Node", ...]
+    shape: tuple[int, ...]
+    dtype: str = "f32"
+    attrs: dict = field(default_factory=dict)
+    name: str | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def type(self) -> TensorType:
+        return TensorType(self.shape, self.dtype)
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return f"%{self.id} = {self.op}{label} {self.type}"
+
+    def __hash__(self) -> int:
+        return self.id
+
+
+LEAF_OPS = ("input", "parameter", "state")
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Graph:
+    """Builder and container. Nodes are appended in topological order."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.outputs: list[Node] = []
+        self._leaves: dict[str, Node] = {}
+
+    # ---- introspection -------------------------------------------------------------
+    def _leaves_of(self, op: str) -> dict[str, TensorType]:
+        return {n.name: n.type for n in self._leaves.values() if n.op == op}
+
+    @property
+    def inputs(self) -> dict[str, TensorType]:
+        return self._leaves_of("input")
+
+    @property
+    def parameters(self) -> dict[str, TensorType]:
+        return self._leaves_of("parameter")
+
+    @property
+    def states(self) -> dict[str, TensorType]:
+        return self._leaves_of("state")
+
+    def leaf(self, name: str) -> Node:
+        return self._leaves[name]
+
+    def set_outputs(self, outputs: list[Node]) -> None:
+        for o in outputs:
+            if not isinstance(o, Node):
+                raise GraphError(f"set_outputs: expected graph nodes, got {type(o).__name__}")
+        self.outputs = list(outputs)
+
+    def __repr__(self) -> str:
+        return f"Graph({len(self.nodes)} nodes, {len(self.inputs)} inputs, {len(self.parameters)} parameters)"
+
+    # ---- building ------------------------------------------------------------------
+    def _add(self, op, inputs, shape, dtype="f32", name=None, **attrs) -> Node:
+        for i in inputs:
+            if not isinstance(i, Node):
+                raise GraphError(f"{op}: operand {i!r} is not a graph node")
+        node = Node(op, tuple(inputs), tuple(int(d) for d in shape), dtype, attrs, name)
+        self.nodes.append(node)
+        return node
+
+    def _leaf(self, op: str, name: str, shape, dtype: str) -> Node:
+        if dtype not in DTYPES:
+            raise GraphError(f"{op} {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
+        if name in self._leaves:
+            existing = self._leaves[name]
+            if existing.op == op and existing.type == TensorType(tuple(shape), dtype):
+                return existing  # e.g. a tied embedding used as lm_head
+            raise GraphError(f"{op} {name!r}: already declared as {existing.op} {existing.type}")
+        node = self._add(op, (), shape, dtype, name=name)
+        self._leaves[name] = node
+        return node
+
+    def input(self, name: str, shape, dtype: str = "f32") -> Node:
+        return self._leaf("input", name, shape, dtype)
+
+    def input_u32(self, name: str, shape) -> Node:
+        return self._leaf("input", name, shape, "u32")
+
+    def parameter(self, name: str, shape) -> Node:
+        return self._leaf("parameter", name, shape, "f32")
+
+    def state(self, name: str, shape) -> Node:
+        """A persistent f32 buffer owned by the runtime (zero at start), e.g. a KV cache."""
+        return self._leaf("state", name, shape, "f32")
+
+    # ---- helpers for checks --------------------------------------------------------
+    @staticmethod
+    def _need(cond: bool, op: str, msg: str, *nodes: Node) -> None:
+        if not cond:
+            shapes = ", ".join(str(n.type) for n in nodes)
+            raise GraphError(f"{op}: {msg} (got {shapes})")
+
+    def _f32(self, op: str, *nodes: Node) -> None:
+        for n in nodes:
+            self._need(n.dtype == "f32", op, "expects f32 operands", n)
+
+    # ---- linear algebra ------------------------------------------------------------
+    def matmul(self, a: Node, b: Node) -> Node:
+        """[m, k] @ [k, n]."""
+        self._f32("matmul", a, b)
+        self._need(len(a.shape) == 2 and len(b.shape) == 2 and a.shape[1] == b.shape[0],
+                   "matmul", "needs [m, k] @ [k, n]", a, b)
+        return self._add("matmul", (a, b), (a.shape[0], b.shape[1]))
+
+    def linear(self, x: Node, weight: Node, bias: Node | None = None,
+               residual: Node | None = None) -> Node:
+        """x @ weight^T (+ bias) (+ residual); weight keeps the checkpoint layout [out, in]."""
+        self._f32("linear", x, weight)
+        self._need(len(x.shape) == 2 and len(weight.shape) == 2 and x.shape[1] == weight.shape[1],
+                   "linear", "needs x [rows, in] and weight [out, in]", x, weight)
+        out = (x.shape[0], weight.shape[0])
+        operands = [x, weight]
+        if bias is not None:
+            self._need(bias.shape == (out[1],), "linear", f"bias must be [{out[1]}]", bias)
+            operands.append(bias)
+        if residual is not None:
+            self._need(residual.shape == out, "linear", f"residual must be {list(out)}", residual)
+            operands.append(residual)
+        return self._add("linear", operands, out, bias=bias is not None, residual=residual is not None)
+
+    # ---- elementwise -------------------------------------------------------------------
+    def add(self, a: Node, b: Node) -> Node:
+        self._f32("add", a, b)
+        self._need(a.shape == b.shape, "add", "operands must have equal shapes", a, b)
+        return self._add("add", (a, b), a.shape)
+
+    def mul(self, a: Node, b: Node) -> Node:
+        self._f32("mul", a, b)
+        self._need(a.shape == b.shape, "mul", "operands must have equal shapes", a, b)
+        return self._add("mul", (a, b), a.shape)
+
+    def bias_add(self, x: Node, bias: Node) -> Node:
+        self._f32("bias_add", x, bias)
+        self._need(bias.shape == x.shape[-1:], "bias_add", "bias must match the last dimension", x, bias)
+        return self._add("bias_add", (x, bias), x.shape)
+
+    def gelu(self, x: Node) -> Node:
+        """GELU, tanh approximation (gelu_pytorch_tanh)."""
+        self._f32("gelu", x)
+        return self._add("gelu", (x,), x.shape)
+
+    def silu(self, x: Node) -> Node:
+        self._f32("silu", x)
+        return self._add("silu", (x,), x.shape)
+
+    def swiglu(self, gate: Node, up: Node) -> Node:
+        """silu(gate) * up."""
+        self._f32("swiglu", gate, up)
+        self._need(gate.shape == up.shape, "swiglu", "gate and up must have equal shapes", gate, up)
+        return self._add("swiglu", (gate, up), gate.shape)
+
+    # ---- normalization -------------------------------------------------------------
+    def layer_norm(self, x: Node, weight: Node, bias: Node, eps: float) -> Node:
+        self._f32("layer_norm", x, weight, bias)
+        self._need(weight.shape == x.shape[-1:] and bias.shape == x.shape[-1:], "layer_norm",
+                   "weight and bias must match the last dimension", x, weight, bias)
+        return self._add("layer_norm", (x, weight, bias), x.shape, eps=float(eps))
+
+    def rms_norm(self, x: Node, weight: Node, eps: float) -> Node:
+        self._f32("rms_norm", x, weight)
+        self._need(weight.shape == x.shape[-1:], "rms_norm", "weight must match the last dimension", x, weight)
+        return self._add("rms_norm", (x, weight), x.shape, eps=float(eps))
+
+    # ---- positions and attention -----------------------------------------------------
+    def rope(self, x: Node, positions: Node | None, head_dim: int, theta: float) -> Node:
+        """Rotary embedding (rotate-half layout) of x [rows, heads*head_dim] at positions [rows]
+        (u32; None means row i is at position i)."""
+        self._need(x.dtype == "f32" and len(x.shape) == 2 and x.shape[1] % head_dim == 0 and head_dim % 2 == 0,
+                   "rope", f"needs f32 x [rows, heads*{head_dim}]", x)
+        operands = [x]
+        if positions is not None:
+            self._need(positions.dtype == "u32" and positions.shape == (x.shape[0],), "rope",
+                       f"positions must be u32 [{x.shape[0]}]", x, positions)
+            operands.append(positions)
+        return self._add("rope", operands, x.shape, head_dim=int(head_dim), theta=float(theta))
+
+    def _check_qkv(self, op, q, k, v, num_heads, num_kv_heads):
+        self._f32(op, q, k, v)
+        self._need(len(q.shape) == 2 and q.shape[1] % num_heads == 0, op,
+                   f"q must be [rows, {num_heads} heads * head_dim]", q)
+        head_dim = q.shape[1] // num_heads
+        self._need(num_heads % num_kv_heads == 0, op, f"{num_heads} heads not divisible by {num_kv_heads} kv heads", q)
+        self._need(k.shape == v.shape and len(k.shape) == 2 and k.shape[1] == num_kv_heads * head_dim, op,
+                   f"k and v must be [rows, {num_kv_heads}*{head_dim}]", q, k, v)
+        return head_dim
+
+    def attention(self, q: Node, k: Node, v: Node, num_heads: int, num_kv_heads: int | None = None,
+                  causal: bool = False, block: int | None = None, key_mask: Node | None = None) -> Node:
+        """Softmax attention with grouped-query heads.
+
+        Rows are split into independent sequences of `block` rows (default: one sequence);
+        `key_mask` [sequences, block] (1 = attend, 0 = padding) hides padded keys.
+        """
+        num_kv_heads = num_kv_heads or num_heads
+        self._check_qkv("attention", q, k, v, num_heads, num_kv_heads)
+        rows = q.shape[0]
+        block = block or rows
+        self._need(k.shape[0] == rows and rows % block == 0, "attention",
+                   f"q and k must have equal rows, a multiple of block={block}", q, k)
+        operands = [q, k, v]
+        if key_mask is not None:
+            self._need(key_mask.shape == (rows // block, block), "attention",
+                       f"key_mask must be [{rows // block}, {block}]", key_mask)
+            operands.append(key_mask)
+        return self._add("attention", operands, q.shape, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         causal=bool(causal), block=block, masked=key_mask is not None)
+
+    def causal_attention(self, q, k, v, num_heads, num_kv_heads=None) -> Node:
+        return self.attention(q, k, v, num_heads, num_kv_heads, causal=True)
+
+    def full_attention(self, q, k, v, num_heads, block=None, key_mask=None) -> Node:
+        return self.attention(q, k, v, num_heads, num_heads, causal=False, block=block, key_mask=key_mask)
+
+    def cached_attention(self, q: Node, k: Node, v: Node, k_cache: Node, v_cache: Node,
+                         slots: Node, positions: Node, num_heads: int, num_kv_heads: int) -> Node:
+        """Write each row's k, v into cache[slot, position], then attend causally over the cache.
+
+        Row i attends to cache[slots[i], 0..positions[i]]. All writes happen before reads, so one
+        call serves a prefill (one slot, consecutive positions), a batched decode (one row per
+        slot) and any mix of the two.
+        """
+        op = "cached_attention"
+        head_dim = self._check_qkv(op, q, k, v, num_heads, num_kv_heads)
+        rows = q.shape[0]
+        self._need(k.shape[0] == rows, op, "q and k must have equal rows", q, k)
+        self._need(k_cache.op == "state" and v_cache.op == "state" and k_cache.shape == v_cache.shape
+                   and len(k_cache.shape) == 3 and k_cache.shape[2] == num_kv_heads * head_dim, op,
+                   f"caches must be states [slots, max_seq, {num_kv_heads * head_dim}]", k_cache, v_cache)
+        self._need(slots.dtype == positions.dtype == "u32" and slots.shape == positions.shape == (rows,), op,
+                   f"slots and positions must be u32 [{rows}]", slots, positions)
+        return self._add(op, (q, k, v, k_cache, v_cache, slots, positions), q.shape,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+    # ---- indexing and layout -------------------------------------------------------
+    def embedding(self, ids: Node, table: Node) -> Node:
+        """Rows of table [n, d] picked by ids [m] (u32): token embeddings, position embeddings,
+        or the rows of a result that are wanted (e.g. the last position's hidden state)."""
+        self._need(ids.dtype == "u32" and len(ids.shape) == 1 and table.dtype == "f32" and len(table.shape) == 2,
+                   "embedding", "needs u32 ids [m] and an f32 table [n, d]", ids, table)
+        return self._add("embedding", (ids, table), (ids.shape[0], table.shape[1]))
+
+    def scatter_rows(self, base: Node, index: Node, src: Node) -> Node:
+        """base with rows index[i] replaced by src[i]: merges image features into token embeddings."""
+        self._need(index.dtype == "u32" and index.shape == (src.shape[0],) and len(base.shape) == 2
+                   and src.shape[1:] == base.shape[1:], "scatter_rows",
+                   "needs base [n, d], index u32 [m], src [m, d]", base, index, src)
+        return self._add("scatter_rows", (base, index, src), base.shape)
+
+    def reshape(self, x: Node, shape) -> Node:
+        shape = tuple(int(d) for d in shape)
+        self._need(_numel(shape) == _numel(x.shape), "reshape", f"cannot reshape to {list(shape)}", x)
+        return self._add("reshape", (x,), shape, x.dtype)
+
+    def concat(self, nodes: list[Node], axis: int = 0) -> Node:
+        first = nodes[0]
+        ax = axis % len(first.shape)
+        for n in nodes:
+            self._need(n.dtype == first.dtype and len(n.shape) == len(first.shape)
+                       and all(a == b for i, (a, b) in enumerate(zip(n.shape, first.shape)) if i != ax),
+                       "concat", f"shapes must agree except on axis {axis}", *nodes)
+        shape = list(first.shape)
+        shape[ax] = sum(n.shape[ax] for n in nodes)
+        return self._add("concat", nodes, shape, first.dtype, axis=ax)
+
+    def slice(self, x: Node, axis: int, start: int, stop: int) -> Node:
+        ax = axis % len(x.shape)
+        self._need(0 <= start < stop <= x.shape[ax], "slice", f"[{start}:{stop}] out of range on axis {axis}", x)
+        shape = list(x.shape)
+        shape[ax] = stop - start
+        return self._add("slice", (x,), shape, x.dtype, axis=ax, start=int(start), stop=int(stop))
+
+    def pixel_shuffle(self, x: Node, images: int, scale: int) -> Node:
+        """Space-to-depth over each image's square patch grid, as SmolVLM's connector does:
+        [images*side*side, d] -> [images*(side/scale)^2, d*scale^2]."""
+        rows, dim = x.shape
+        per_image = rows // images if images else 0
+        side = int(round(per_image ** 0.5))
+        self._need(images > 0 and rows % images == 0 and side * side == per_image and side % scale == 0,
+                   "pixel_shuffle", f"rows must be {images} square grids with sides divisible by {scale}", x)
+        out_rows = images * per_image // (scale * scale)
+        return self._add("pixel_shuffle", (x,), (out_rows, dim * scale * scale), images=images, scale=scale)

@@ -1,0 +1,102 @@
+"""Fusion rules: each is a function `rule(graph, node, uses) -> replacement | None`.
+
+A rule looks at one node (the root of its pattern) and, when the pattern matches, builds
+the replacement with the graph's builder; `apply_rules` substitutes it for the root.
+Rules are grouped in ordered stages (`FUSION_RULES`) because some patterns only appear
+after earlier rewrites (e.g. swiglu over the halves of a merged gate|up projection).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..graph import Graph, Node
+from .core import PassReport, consumers, substitute
+
+
+def _plain_linear(n: Node) -> bool:
+    return n.op == "linear" and not n.attrs["bias"] and not n.attrs["residual"]
+
+
+def fuse_bias_into_linear(g: Graph, n: Node, uses) -> Node | None:
+    """bias_add(linear(x, w), b) -> linear(x, w, b)"""
+    if n.op != "bias_add":
+        return None
+    lin, bias = n.inputs
+    if not _plain_linear(lin) or uses[lin] != 1:
+        return None
+    return g.linear(lin.inputs[0], lin.inputs[1], bias=bias)
+
+
+def fuse_residual_into_linear(g: Graph, n: Node, uses) -> Node | None:
+    """add(linear(x, w, b?), r) -> linear(x, w, b?, residual=r): one addmm instead of two passes."""
+    if n.op != "add":
+        return None
+    for lin, other in (n.inputs, reversed(n.inputs)):
+        if lin.op == "linear" and not lin.attrs["residual"] and uses[lin] == 1:
+            bias = lin.inputs[2] if lin.attrs["bias"] else None
+            return g.linear(lin.inputs[0], lin.inputs[1], bias=bias, residual=other)
+    return None
+
+
+def fuse_swiglu(g: Graph, n: Node, uses) -> Node | None:
+    """mul(silu(gate), up) -> swiglu(gate, up)"""
+    if n.op != "mul":
+        return None
+    for act, up in (n.inputs, reversed(n.inputs)):
+        if act.op == "silu" and uses[act] == 1:
+            return g.swiglu(act.inputs[0], up)
+    return None
+
+
+def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
+    """Linears that read the same x with parameter weights (q|k|v, gate|up) become one linear
+    over the concatenated weight, followed by column slices. The concatenation depends on
+    parameters only, so the session computes it once at load."""
+    if not _merge_candidate(n):
+        return None
+    x = n.inputs[0]
+    siblings = [u for u in g.nodes if u.op == "linear" and u.inputs and u.inputs[0] is x
+                and _merge_candidate(u) and u.attrs["bias"] == n.attrs["bias"]]
+    if len(siblings) < 2 or siblings[0] is not n:
+        return None
+    weight = g.concat([s.inputs[1] for s in siblings], axis=0)
+    bias = g.concat([s.inputs[2] for s in siblings], axis=0) if n.attrs["bias"] else None
+    merged = g.linear(x, weight, bias=bias)
+    start = 0
+    for s in siblings:
+        width = s.shape[1]
+        part = g.slice(merged, axis=1, start=start, stop=start + width)
+        start += width
+        if s is not n:
+            substitute(g, s, part)
+        else:
+            first = part
+    return first
+
+
+def _merge_candidate(n: Node) -> bool:
+    return (n.op == "linear" and not n.attrs["residual"] and n.inputs[1].op == "parameter"
+            and (not n.attrs["bias"] or n.inputs[2].op == "parameter"))
+
+
+def apply_rules(g: Graph, rules, report: PassReport) -> None:
+    """One sweep over the graph: each node is offered to each rule once, in order."""
+    uses = consumers(g)
+    for node in list(g.nodes):
+        if uses[node] == 0:
+            continue  # replaced earlier in this sweep
+        for rule in rules:
+            replacement = rule(g, node, uses)
+            if replacement is not None:
+                substitute(g, node, replacement)
+                report.record(rule.__name__)
+                uses = consumers(g)
+                break
+
+
+FUSION_RULES = [
+    [fuse_bias_into_linear],
+    [merge_sibling_linears],
+    [fuse_residual_into_linear, fuse_swiglu],
+]

@@ -1,0 +1,183 @@
+"""Session: compile a graph (passes -> plan) and run it on a backend.
+
+Several sessions of one model (vision, prefill, decode) share one `Store`: the weights,
+the constants prepared from them and the persistent states (KV cache) live there once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import Graph, Node
+from .passes import optimize
+from .plan import Plan, build_plan
+
+
+class SessionError(ValueError):
+    """A parameter or input was missing, unknown, or of the wrong shape or type."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "numpy"      # "numpy" (the reference) or "torch"
+    device: str = "cpu"         # torch device: "cpu", "cuda", "cuda:1"
+    dtype: str = "float32"      # torch weight and activation dtype: "float32", "bfloat16", "float16"
+    optimize: bool = True       # run the fusion passes
+
+
+def make_backend(options: CompileOptions):
+    if options.backend == "numpy":
+        from .backends.numpy_backend import NumpyBackend
+        return NumpyBackend(options)
+    if options.backend == "torch":
+        from .backends.torch_backend import TorchBackend
+        return TorchBackend(options)
+    raise SessionError(f"unknown backend {options.backend!r}: choose 'numpy' or 'torch'")
+
+
+class Store:
+    """Backend-resident parameters, prepared constants and states, shared by sessions."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.parameters: dict[str, object] = {}
+        self.states: dict[str, object] = {}
+        self.constants: dict[str, object] = {}
+
+    def set_parameter(self, name: str, array) -> None:
+        self.parameters[name] = self.backend.from_host(array, "f32")
+        self.constants.clear()  # derived from parameters: recompute on next use
+
+    def state(self, node: Node):
+        value = self.states.get(node.name)
+        if value is None or tuple(value.shape) != node.shape:
+            value = self.states[node.name] = self.backend.zeros(node.shape)
+        return value
+
+
+def _describe(array) -> str:
+    return f"{getattr(array, 'dtype', type(array).__name__)} array of shape {list(np.shape(array))}"
+
+
+def _unknown(kind: str, name: str, known) -> SessionError:
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return SessionError(f"unknown {kind} {name!r}{hint} ({len(known)} {kind}s declared)")
+
+
+def _check_array(kind: str, node: Node, array) -> np.ndarray | object:
+    shape = tuple(getattr(array, "shape", np.shape(array)))
+    if shape != node.shape:
+        raise SessionError(f"{kind} {node.name!r}: expected shape {list(node.shape)}, got {_describe(array)}")
+    dtype = str(getattr(array, "dtype", ""))
+    is_float = any(t in dtype for t in ("float", "bfloat"))
+    is_int = "int" in dtype
+    if node.dtype == "f32" and not is_float:
+        raise SessionError(f"{kind} {node.name!r}: expected a floating-point array, got {_describe(array)}")
+    if node.dtype == "u32":
+        if not is_int:
+            raise SessionError(f"{kind} {node.name!r}: expected an integer array (u32), got {_describe(array)}")
+        a = np.asarray(array)
+        if a.size and (a.min() < 0 or a.max() >= 2**32):
+            raise SessionError(f"{kind} {node.name!r}: values must fit in u32, got range [{a.min()}, {a.max()}]")
+    return array
+
+
+def _constant_key(node: Node, memo: dict) -> str:
+    """Structural name of a parameter-only value, so sessions sharing a store share it."""
+    key = memo.get(node)
+    if key is None:
+        if node.op == "parameter":
+            key = node.name
+        else:
+            args = ",".join(_constant_key(i, memo) for i in node.inputs)
+            attrs = ",".join(f"{k}={v}" for k, v in sorted(node.attrs.items()))
+            key = f"{node.op}[{attrs}]({args})"
+        memo[node] = key
+    return key
+
+
+class Session:
+    def __init__(self, graph: Graph, options: CompileOptions | None = None, store: Store | None = None):
+        if not graph.outputs:
+            raise SessionError("the graph has no outputs: call graph.set_outputs([...]) first")
+        self.options = options or CompileOptions()
+        self.graph, self.report = optimize(graph, fuse=self.options.optimize)
+        self.plan: Plan = build_plan(self.graph)
+        self.store = store or Store(make_backend(self.options))
+        self.backend = self.store.backend
+        memo: dict = {}
+        self._constant_keys = {n: _constant_key(n, memo) for n in self.plan.prepare}
+        self._inputs: dict[str, object] = {}
+        self._outputs: list = []
+
+    # ---- feeding ------------------------------------------------------------------
+    def set_parameter(self, name: str, array) -> None:
+        node = self.plan.parameters.get(name)
+        if node is None:
+            raise _unknown("parameter", name, self.plan.parameters)
+        self.store.set_parameter(name, _check_array("parameter", node, array))
+
+    def set_input(self, name: str, array) -> None:
+        node = self.plan.inputs.get(name)
+        if node is None:
+            raise _unknown("input", name, self.plan.inputs)
+        self._inputs[name] = self.backend.from_host(_check_array("input", node, array), node.dtype)
+
+    def missing_parameters(self) -> list[str]:
+        return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.parameters]
+
+    # ---- running ------------------------------------------------------------------
+    def _prepare_constants(self, env: dict) -> None:
+        for node in self.plan.prepare:
+            key = self._constant_keys[node]
+            value = self.store.constants.get(key)
+            if value is None:
+                value = self.store.constants[key] = self.backend.run(node, [env[i] for i in node.inputs])
+            env[node] = value
+
+    def run(self) -> None:
+        missing = self.missing_parameters()
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise SessionError(f"{len(missing)} parameter(s) never set: {shown}")
+        unset = [n for n in self.plan.inputs if n in self.plan.required and n not in self._inputs]
+        if unset:
+            raise SessionError(f"input(s) never set: {', '.join(unset)}")
+        env: dict[Node, object] = {}
+        for name, node in self.plan.parameters.items():
+            if name in self.plan.required:
+                env[node] = self.store.parameters[name]
+        for name, node in self.plan.inputs.items():
+            if name in self.plan.required:
+                env[node] = self._inputs[name]
+        for node in self.plan.states.values():
+            env[node] = self.store.state(node)
+        self._prepare_constants(env)
+        run = self.backend.run
+        for d in self.plan.dispatches:
+            env[d.node] = run(d.node, [env[i] for i in d.node.inputs])
+            for dead in d.frees:
+                del env[dead]
+        self._outputs = [env[o] for o in self.plan.outputs]
+
+    step = run
+
+    def output(self, index: int = 0):
+        """The backend-resident output (a torch tensor on the torch backend): no copy."""
+        if not self._outputs:
+            raise SessionError("no outputs yet: call run() first")
+        if not 0 <= index < len(self._outputs):
+            raise SessionError(f"output index {index} out of range: the graph has {len(self._outputs)} output(s)")
+        return self._outputs[index]
+
+    def read_output(self, index: int = 0) -> np.ndarray:
+        return self.backend.to_host(self.output(index))
+
+
+def build_inference_session(graph: Graph, options: CompileOptions | None = None,
+                            store: Store | None = None) -> Session:
+    return Session(graph, options, store)
