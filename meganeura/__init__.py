@@ -3,5 +3,15 @@
 from .graph import Graph, GraphError, Node, TensorType
 from .session import CompileOptions, Session, SessionError, Store, build_inference_session
 
-__all__ = ["Graph", "GraphError", "Node", "TensorType", "CompileOptions", "Session", "SessionError",
+
+
+def __getattr__(name):
+    # The pipeline pulls in tokenizers, Pillow and the weight readers: load it on first use.
+    if name in ("load", "Pipeline"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'meganeura' has no attribute {name!r}")
+
+
+__all__ = ["load", "Pipeline", "Graph", "GraphError", "Node", "TensorType", "CompileOptions", "Session", "SessionError",
            "Store", "build_inference_session"]

@@ -55,7 +55,7 @@ class Runtime:
                  num_slots: int = 1) -> None:
         self.spec = spec
         self.options = options or CompileOptions()
-        self.max_seq = max_seq or spec.text.max_position_embeddings
+        self.max_seq = max_seq or 256  # grown on demand by reserve()
         self.num_slots = num_slots
         self.store = Store(make_backend(self.options))
         self.backend = self.store.backend
@@ -65,7 +65,7 @@ class Runtime:
     def expected_parameters(self) -> dict:
         """Every parameter the model's graphs declare (names and types), from the graphs."""
         g = Graph()
-        self._build_text(g, rows=1, logit_rows=1, image_tokens=1 if self.spec.vlm else 0)
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=1 if self.spec.vlm else 0)
         if self.spec.vlm:
             build_vision_graph(g, self.spec.vlm, images=1)
         return g.parameters
@@ -77,8 +77,22 @@ class Runtime:
         for name in names:
             self.store.set_parameter(name, tensors[name])
 
+    def reserve(self, slots: int, tokens: int) -> None:
+        """Make the KV cache hold `slots` sequences of `tokens` tokens. Growing it recompiles the
+        text plans and starts an empty cache; it grows in steps of 256 tokens, never past the
+        model's context."""
+        limit = self.spec.text.max_position_embeddings
+        if tokens > limit:
+            raise ValueError(f"{tokens} tokens exceed the model's context of {limit}")
+        if slots <= self.num_slots and tokens <= self.max_seq:
+            return
+        self.num_slots = max(slots, self.num_slots)
+        self.max_seq = min(limit, max(self.max_seq, -(-tokens // 256) * 256))
+        self._sessions = {k: s for k, s in self._sessions.items() if k[0] != "text"}
+        self.store.states.clear()
+
     # ---- sessions ---------------------------------------------------------------------
-    def _build_text(self, g: Graph, rows: int, logit_rows: int, image_tokens: int):
+    def build_text_graph(self, g: Graph, rows: int, logit_rows: int, image_tokens: int):
         return llama.build_text_step(g, self.spec.text, self.spec.names, rows, self.num_slots, self.max_seq,
                                      logit_rows, image_tokens)
 
@@ -112,7 +126,7 @@ class Runtime:
         """One prefill or decode step (see `llama.build_text_step`) -> logits [len(logit_rows), vocab]."""
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
-        s = self._session(("text", rows, k, m), lambda g: self._build_text(g, rows, k, m))
+        s = self._session(("text", rows, k, m), lambda g: self.build_text_graph(g, rows, k, m))
         s.set_input("token_ids", np.asarray(token_ids, dtype=np.uint32))
         s.set_input("positions", np.asarray(positions, dtype=np.uint32))
         s.set_input("slots", np.asarray(slots, dtype=np.uint32))

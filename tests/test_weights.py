@@ -544,3 +544,29 @@ def test_offline_uncached_hub_id_explains_how_to_get_it(tmp_path):
     assert "not in the local Hugging Face cache" in out.stdout
     assert "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct" in out.stdout
     assert "local folder" in out.stdout
+
+
+def test_bos_eos_flags_add_tokens(gguf_ckpt):
+    from meganeura.weights import build_gguf_tokenizer
+    from meganeura.weights.gguf_file import _metadata
+
+    meta = _metadata(gguf.GGUFReader(gguf_ckpt.source))
+    assert meta["tokenizer.ggml.add_bos_token"] is False  # SmolLM2 adds nothing by itself
+    meta["tokenizer.ggml.add_bos_token"] = meta["tokenizer.ggml.add_eos_token"] = True
+    tok = build_gguf_tokenizer(meta)
+    plain = gguf_ckpt.tokenizer.encode("hi").ids
+    assert tok.encode("hi").ids == [1, *plain, 2]
+    assert tok.encode("hi", add_special_tokens=False).ids == plain
+
+
+def test_check_tensors_does_not_decode_lazy_tensors():
+    from meganeura.weights import LazyTensors
+
+    def explode():
+        raise AssertionError("check_tensors must read shapes from describe(), not decode")
+
+    lazy = LazyTensors("mem")
+    lazy.add("a", (2, 3), np.float32, explode)
+    check_tensors({"a": ((2, 3), "float32")}, lazy, "mem")
+    with pytest.raises(WeightsError, match=r"a: expected float32\[3, 2\], found float32\[2, 3\]"):
+        check_tensors({"a": ((3, 2), "float32")}, lazy, "mem")

@@ -6,6 +6,8 @@ float32 and cast back. u32 values are held as int64, torch's index type.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,8 +149,12 @@ class TorchBackend:
         if isinstance(array, torch.Tensor):
             t = array
         else:
-            a = np.asarray(array)
-            t = torch.from_numpy(np.ascontiguousarray(a.astype(np.int64) if dtype == "u32" else a))
+            a = np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array)
+            with warnings.catch_warnings():
+                # Memory-mapped weights are read-only; sharing them (no copy) is the point, and
+                # nothing writes to parameters.
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(a)
         if dtype == "u32":
             return t.to(self.device, torch.int64)
         return t.to(self.device, self.dtype)

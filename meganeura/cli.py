@@ -1,0 +1,133 @@
+"""Command line: `meganeura run | chat | inspect`. Answers go to stdout, diagnostics to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .pipeline import DEFAULT_MODEL
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    parts = [{"type": "image", "image": path} for path in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def _settings(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+
+
+def _load(args):
+    from .pipeline import load
+    print(f"loading {args.model} ...", file=sys.stderr)
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _stream(pipe, messages, settings) -> str:
+    pieces = []
+    for piece in pipe.stream(messages, **settings):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(pieces)
+
+
+def cmd_run(args) -> None:
+    pipe = _load(args)
+    _stream(pipe, [_user_message(args.prompt, args.image)], _settings(args))
+
+
+def cmd_chat(args) -> None:
+    pipe = _load(args)
+    print("chat: type a message; /image PATH attaches an image, /reset starts over, /quit leaves.", file=sys.stderr)
+    history, pending = [], []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            history, pending = [], []
+            continue
+        if line.startswith("/image "):
+            pending.append(line[len("/image "):].strip())
+            continue
+        message = _user_message(line, pending)
+        try:
+            print("assistant> ", end="", flush=True)
+            answer = _stream(pipe, history + [message], _settings(args))
+        except ValueError as e:  # a bad image or an over-long conversation: say so, keep chatting
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        history += [message, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        pending = []
+
+
+def cmd_inspect(args) -> None:
+    import numpy as np
+
+    from .graph import Graph
+    from .pipeline import model_spec
+    from .runtime import Runtime
+    from .session import Session
+    from .weights import load_checkpoint
+    ckpt = load_checkpoint(args.model)
+    spec = model_spec(ckpt.config)
+    print(f"model: {ckpt.source}")
+    print(f"text: {spec.text}")
+    if spec.vlm:
+        print(f"vision: {spec.vlm.vision}, scale_factor {spec.vlm.scale_factor}, "
+              f"{spec.vlm.num_vision_tokens} tokens per image")
+    runtime = Runtime(spec)
+    params = runtime.expected_parameters()
+    total = sum(int(np.prod(t.shape)) for t in params.values())
+    print(f"parameters: {len(params)} tensors, {total / 1e6:.1f}M values")
+    g = Graph()
+    g.set_outputs([runtime.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0)])
+    session = Session(g)
+    print("decode step graph:", g)
+    print("passes:", session.report)
+    print(session.plan.summary())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meganeura", description="Run SmolVLM2 / SmolLM2 locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help="local folder, .gguf file, Hub id, or smollm2-135m-instruct (default: %(default)s)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+        p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0)
+
+    run = sub.add_parser("run", help="answer one prompt, streaming")
+    common(run)
+    run.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    run.add_argument("prompt")
+    run.set_defaults(fn=cmd_run)
+    chat = sub.add_parser("chat", help="an interactive conversation")
+    common(chat)
+    chat.set_defaults(fn=cmd_chat)
+    inspect = sub.add_parser("inspect", help="config, parameter count, graph and plan summary")
+    inspect.add_argument("--model", default=DEFAULT_MODEL)
+    inspect.set_defaults(fn=cmd_inspect)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The user-facing API: `load(model)` -> a Pipeline that turns chat messages into answers.
+
+    pipe = meganeura.load("HuggingFaceTB/SmolVLM2-500M-Video-Instruct")
+    pipe.generate(messages).text
+    for piece in pipe.stream(messages): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .generate import GenerationConfig, GenerationResult, Prompt, drain, generate_stream
+from .models import smollm2
+from .models.smolvlm2 import NAMES as VLM_NAMES
+from .models.smolvlm2 import SmolVLM2Config
+from .processing.image import ImageProcessorConfig, load_image, preprocess_images
+from .processing.prompt import END_OF_UTTERANCE, expand_image_tokens, normalize_messages, render_chat
+from .runtime import ModelSpec, Runtime
+from .session import CompileOptions
+from .weights import Checkpoint, load_checkpoint
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+
+
+def model_spec(config: dict) -> ModelSpec:
+    kind = config.get("model_type")
+    if kind in ("smolvlm", "idefics3"):
+        vlm = SmolVLM2Config.from_hf(config)
+        return ModelSpec(text=vlm.text, names=VLM_NAMES, vlm=vlm)
+    if kind == "llama":
+        return ModelSpec(text=smollm2.from_hf(config), names=smollm2.NAMES)
+    raise ValueError(f"model_type {kind!r} is not supported (SmolVLM/SmolVLM2 and Llama/SmolLM2 are)")
+
+
+def compile_options(device: str = "auto", dtype: str = "auto") -> CompileOptions:
+    """Pick the backend: torch when installed (CUDA when present), else the numpy reference."""
+    try:
+        import torch
+    except ImportError:
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device {device!r} needs torch: pip install 'meganeura[torch]'") from None
+        return CompileOptions(backend="numpy")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return CompileOptions(backend="torch", device=device, dtype=dtype)
+
+
+def _json(folder: Path | None, name: str) -> dict:
+    if folder is None or not (folder / name).is_file():
+        return {}
+    try:
+        return json.loads((folder / name).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / name}: not valid JSON ({e})") from None
+
+
+@dataclass
+class Encoded:
+    """A conversation made ready for the model."""
+
+    input_ids: np.ndarray                 # int64 [seq]
+    pixel_values: np.ndarray | None       # float32 [tiles, 3, H, W]
+    pixel_attention_mask: np.ndarray | None
+
+    def as_dict(self) -> dict:
+        out = {"input_ids": self.input_ids}
+        if self.pixel_values is not None:
+            out["pixel_values"] = self.pixel_values
+            out["pixel_attention_mask"] = self.pixel_attention_mask
+        return out
+
+
+class Pipeline:
+    def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True) -> None:
+        if checkpoint.tokenizer is None:
+            raise ValueError(f"{checkpoint.source}: no tokenizer (tokenizer.json) found beside the weights")
+        if not checkpoint.chat_template:
+            raise ValueError(f"{checkpoint.source}: no chat template found (chat_template.json/.jinja, "
+                             "tokenizer_config.json or GGUF metadata)")
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.spec = model_spec(checkpoint.config)
+        self.runtime = Runtime(self.spec, options)
+        self.runtime.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
+        self.image_config = ImageProcessorConfig.from_dict(_json(checkpoint.folder, "preprocessor_config.json"))
+        vlm = self.spec.vlm
+        self.image_seq_len = int(_json(checkpoint.folder, "processor_config.json").get(
+            "image_seq_len", vlm.num_vision_tokens if vlm else 0))
+        self.eos_ids = self._eos_ids()
+
+    @property
+    def context_length(self) -> int:
+        return self.spec.text.max_position_embeddings
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.checkpoint.generation.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        end = self.tokenizer.token_to_id(END_OF_UTTERANCE)
+        if self.spec.vlm and end is not None:
+            ids.add(end)  # SmolVLM2 ends an assistant turn with <end_of_utterance>
+        return ids
+
+    # ---- preprocessing ---------------------------------------------------------------------
+    def _special(self, key: str) -> str:
+        token_id = self.checkpoint.generation.get(key)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return self.tokenizer.id_to_token(token_id) if token_id is not None else ""
+
+    def encode(self, messages) -> Encoded:
+        shaped, sources = normalize_messages(messages)
+        if sources and not self.spec.vlm:
+            raise ValueError("this model reads text only: remove the image parts")
+        images = [load_image(s) for s in sources]  # errors name the file, before any model work
+        text = render_chat(self.checkpoint.chat_template, messages, add_generation_prompt=True,
+                           bos_token=self._special("bos_token_id"), eos_token=self._special("eos_token_id"))
+        pixel_values = mask = None
+        if images:
+            batch = preprocess_images([images], self.image_config)
+            text = expand_image_tokens(text, batch["image_grids"][0], self.image_seq_len)
+            pixel_values = batch["pixel_values"][0]
+            mask = batch.get("pixel_attention_mask")
+            mask = mask[0] if mask is not None else None
+        ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        if len(ids) >= self.context_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens long; the model's context is {self.context_length}")
+        return Encoded(ids, pixel_values, mask)
+
+    def processor(self, messages) -> dict:
+        """input_ids int64 [seq], pixel_values float32 [tiles, 3, H, W], pixel_attention_mask."""
+        return self.encode(messages).as_dict()
+
+    def _prompt(self, enc: Encoded) -> Prompt:
+        if enc.pixel_values is None:
+            return Prompt(enc.input_ids)
+        features = self.runtime.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        rows = np.flatnonzero(enc.input_ids == self.spec.image_token_id)
+        if len(rows) != features.shape[0]:
+            raise ValueError(f"{len(rows)} image tokens in the prompt but {features.shape[0]} image features")
+        return Prompt(enc.input_ids, features, rows)
+
+    # ---- running ---------------------------------------------------------------------------
+    def logits(self, messages) -> np.ndarray:
+        """float32 [seq, vocab]: the logits of every prompt position."""
+        enc = self.encode(messages)
+        p = self._prompt(enc)
+        n = len(enc.input_ids)
+        self.runtime.reserve(1, n)
+        out = self.runtime.step(p.token_ids, np.arange(n), np.zeros(n), np.arange(n), p.image_features, p.image_rows)
+        return self.runtime.to_host(out)
+
+    def _start(self, conversations, settings: dict):
+        cfg = GenerationConfig(**{k: (tuple(v) if k == "stop" else v) for k, v in settings.items()})
+        encoded = [self.encode(c) for c in conversations]
+        longest = max(len(e.input_ids) for e in encoded)
+        room = self.context_length - longest
+        if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
+            cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": room})
+        self.runtime.reserve(len(encoded), longest + cfg.max_new_tokens)
+        prompts = [self._prompt(e) for e in encoded]
+        return generate_stream(self.runtime, prompts, cfg, self.eos_ids, self._decode)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate for one conversation, or for a list of conversations as one batch."""
+        batch = _is_batch(messages)
+        conversations = messages if batch else [messages]
+        gen = self._start(conversations, settings)
+        results = drain(gen)
+        return results if batch else results[0]
+
+    def stream(self, messages, **settings: Any) -> Iterator[str]:
+        """Text pieces of one conversation's answer as they are generated."""
+        gen = self._start([messages], settings)
+        for _, piece in gen:
+            yield piece
+
+
+def _is_batch(messages) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
+
+
+def _bar(enabled: bool, what: str):
+    if not enabled:
+        return None
+
+    def wrap(items):
+        from tqdm import tqdm
+        return tqdm(items, desc=what, unit="tensor", leave=False)
+    return wrap
+
+
+def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+         progress: bool = True) -> Pipeline:
+    """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct"."""
+    checkpoint = load_checkpoint(model, progress=progress)
+    return Pipeline(checkpoint, compile_options(device, dtype), progress=progress)
+
+
+__all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

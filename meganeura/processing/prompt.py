@@ -1,0 +1,294 @@
+"""Chat-template rendering and SmolVLM image-token expansion.
+
+Rendering mirrors transformers' ``apply_chat_template``: a sandboxed Jinja environment with
+``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, a JSON ``tojson`` filter and the
+``raise_exception``/``strftime_now`` helpers that Hub templates call.
+
+Expansion mirrors ``SmolVLMProcessor``: each ``<image>`` placeholder becomes the tile
+markers plus ``image_seq_len`` ``<image>`` tokens per tile and for the global view.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+from typing import Any, Literal, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "FAKE_IMAGE_TOKEN",
+    "GLOBAL_IMAGE_TOKEN",
+    "END_OF_UTTERANCE",
+    "normalize_messages",
+    "template_content_format",
+    "render_chat",
+    "image_prompt",
+    "expand_image_tokens",
+]
+
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+
+ContentFormat = Literal["auto", "parts", "string"]
+
+# Keys under which an image part may carry its source (transformers' order).
+_IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+
+# --------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------
+
+
+def _image_source(part: Mapping[str, Any], where: str) -> Any:
+    """The source of an image part, or None when the caller passes images separately."""
+    if part["type"] == "image_url":
+        info = part.get("image_url")
+        url = info.get("url") if isinstance(info, Mapping) else info
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"{where}: 'image_url' part needs image_url.url (a string)")
+        return url
+    for key in _IMAGE_SOURCE_KEYS:
+        if part.get(key) is not None:
+            value = part[key]
+            # A bare base64 payload: make it a data URL so load_image can decode it.
+            if key == "base64" and isinstance(value, str) and not value.startswith("data:"):
+                value = "data:image/unknown;base64," + value
+            return value
+    return None
+
+
+def normalize_messages(
+    messages: Sequence[Mapping[str, Any]], content_format: Literal["parts", "string"] = "parts"
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Validate chat messages and shape them for a template.
+
+    Content may be a string or a list of parts: ``{"type": "text", "text": ...}``,
+    ``{"type": "image", [image|url|path|base64]: ...}`` or the OpenAI form
+    ``{"type": "image_url", "image_url": {"url": ...}}``. Image parts become a bare
+    ``{"type": "image"}`` (templates render that as ``<image>``; the pixels stay out of the
+    template) and their sources are returned in order, ``None`` for parts without one.
+
+    ``content_format="parts"`` turns string content into a single text part, for
+    templates that iterate over parts (SmolVLM2's published template renders a plain
+    string as nothing at all). ``"string"`` does the reverse for text-only templates
+    such as SmolLM2's: text parts are joined with newlines, and image parts are an error.
+    Messages are copied; the input is not modified. Other message keys pass through.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if content_format not in ("parts", "string"):
+        raise ValueError(f"content_format must be 'parts' or 'string', got {content_format!r}")
+
+    out: list[dict[str, Any]] = []
+    sources: list[Any] = []
+    for i, message in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise ValueError(f"{where}: 'role' must be a non-empty string, got {message.get('role')!r}")
+        if "content" not in message or message["content"] is None:
+            raise ValueError(f"{where} ({message['role']}): missing 'content'")
+        content = message["content"]
+
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+            parts = []
+            for j, part in enumerate(content):
+                part_where = f"{where} part {j}"
+                if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                    raise ValueError(f"{part_where}: expected a dict with a 'type', got {part!r:.80}")
+                kind = part["type"]
+                if kind == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise ValueError(f"{part_where}: text part needs a string 'text'")
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind in ("image", "image_url"):
+                    sources.append(_image_source(part, part_where))
+                    parts.append({"type": "image"})
+                else:
+                    raise ValueError(
+                        f"{part_where}: unsupported content part type {kind!r} (expected text, image or image_url)"
+                    )
+        else:
+            raise ValueError(f"{where}: 'content' must be a string or a list of parts, got {type(content).__name__}")
+
+        if content_format == "string":
+            if any(p["type"] == "image" for p in parts):
+                raise ValueError(f"{where}: this template takes plain-string content and cannot place images")
+            new_content: Any = "\n".join(p["text"] for p in parts)
+        else:
+            new_content = parts
+        out.append({**message, "content": new_content})
+    return out, sources
+
+
+# --------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accept ``{% generation %}...{% endgeneration %}`` (used by some Hub templates to
+    mark assistant spans); we have no use for the spans, so the body renders as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's built-in tojson HTML-escapes; templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+    try:
+        return _environment().from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ValueError(f"chat template does not parse (line {exc.lineno}): {exc.message}") from exc
+
+
+def _mentions_content(node: jinja2.nodes.Node) -> bool:
+    # find_all yields descendants only, so look at the node itself too.
+    candidates = [node, *node.find_all((jinja2.nodes.Getitem, jinja2.nodes.Getattr, jinja2.nodes.Name))]
+    for sub in candidates:
+        if isinstance(sub, jinja2.nodes.Getattr) and sub.attr == "content":
+            return True
+        if isinstance(sub, jinja2.nodes.Getitem) and isinstance(sub.arg, jinja2.nodes.Const) and sub.arg.value == "content":
+            return True
+        if isinstance(sub, jinja2.nodes.Name) and sub.name == "content":
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=32)
+def template_content_format(template: str) -> Literal["parts", "string"]:
+    """Guess whether a template iterates over content parts (``{% for x in
+    message['content'] %}``) or only uses content as a string."""
+    try:
+        ast = _environment().parse(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ValueError(f"chat template does not parse (line {exc.lineno}): {exc.message}") from exc
+    for loop in ast.find_all(jinja2.nodes.For):
+        if _mentions_content(loop.iter):
+            return "parts"
+    return "string"
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    content_format: ContentFormat = "auto",
+    **extra: Any,
+) -> str:
+    """Render ``messages`` with a Jinja chat template.
+
+    Messages are first passed through :func:`normalize_messages` (use that directly to get
+    the image sources in order). ``content_format="auto"`` picks parts or string content
+    from the template (see :func:`template_content_format`). ``extra`` becomes template
+    variables (e.g. ``bos_token``). Template errors, including ``raise_exception`` calls,
+    surface as ``ValueError``.
+    """
+    fmt = template_content_format(template) if content_format == "auto" else content_format
+    shaped, _ = normalize_messages(messages, content_format=fmt)
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=shaped, add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.exceptions.TemplateError as exc:
+        raise ValueError(f"chat template failed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------
+# Image tokens
+# --------------------------------------------------------------------------------------
+
+
+def image_prompt(
+    rows: int,
+    cols: int,
+    image_seq_len: int = 64,
+    *,
+    image_token: str = IMAGE_TOKEN,
+    fake_token: str = FAKE_IMAGE_TOKEN,
+    global_token: str = GLOBAL_IMAGE_TOKEN,
+) -> str:
+    """The token string that stands for one image with a ``rows`` x ``cols`` tile grid.
+
+    Each tile is ``<fake><row_R_col_C>`` + ``image_seq_len`` image tokens, each row ends
+    with a newline, and the global view follows after a blank line, closed by a final
+    ``<fake>``. An unsplit image (0, 0) is just the wrapped global view.
+    """
+    if rows < 0 or cols < 0 or (rows == 0) != (cols == 0):
+        raise ValueError(f"invalid tile grid {rows}x{cols}: both must be positive, or both 0 for an unsplit image")
+    tokens = image_token * image_seq_len
+    global_view = f"{fake_token}{global_token}{tokens}{fake_token}"
+    if rows == 0:
+        return global_view
+    grid = "".join(
+        "".join(f"{fake_token}<row_{r + 1}_col_{c + 1}>{tokens}" for c in range(cols)) + "\n"
+        for r in range(rows)
+    )
+    return f"{grid}\n{global_view}"
+
+
+def expand_image_tokens(
+    text: str,
+    image_grids: Sequence[tuple[int, int]],
+    image_seq_len: int = 64,
+    *,
+    image_token: str = IMAGE_TOKEN,
+    fake_token: str = FAKE_IMAGE_TOKEN,
+    global_token: str = GLOBAL_IMAGE_TOKEN,
+) -> str:
+    """Replace the i-th ``<image>`` placeholder in ``text`` with the tokens of image i.
+
+    ``image_grids`` holds each image's (rows, cols) from preprocessing, in prompt order.
+    """
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(image_grids):
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {image_token} placeholder(s) but {len(image_grids)} "
+            "image(s) were given; they must match one to one"
+        )
+    out = [pieces[0]]
+    for (rows, cols), piece in zip(image_grids, pieces[1:]):
+        out.append(
+            image_prompt(
+                rows, cols, image_seq_len, image_token=image_token, fake_token=fake_token, global_token=global_token
+            )
+        )
+        out.append(piece)
+    return "".join(out)

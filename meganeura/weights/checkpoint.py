@@ -1,0 +1,170 @@
+"""The common shape of a loaded checkpoint, whatever file format it came from.
+
+Every reader (Hugging Face safetensors folder, GGUF file) produces a `Checkpoint`: a Hugging Face
+style config dict plus a name -> array mapping that uses the Hugging Face parameter names. The
+rest of the engine only ever sees this, so it never needs to know which format was on disk.
+
+Tensors are lazy: a reader records each tensor's shape and dtype up front and only reads (and, for
+bf16 or quantized data, converts) it when it is looked up. That keeps loading instant, lets
+`check_tensors` validate a whole checkpoint without touching the data, and avoids holding two
+copies of the weights while a backend copies them into its own layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # tokenizers is a hard dependency, but only needed here for the annotation
+    import tokenizers
+
+
+class WeightsError(ValueError):
+    """A checkpoint could not be found, read, or does not match what the model expects."""
+
+
+@dataclass
+class Checkpoint:
+    config: dict  # Hugging Face style config.json dict (synthesized for GGUF)
+    tensors: Mapping[str, np.ndarray]  # checkpoint names verbatim -> arrays (lazy where possible)
+    source: str  # path it came from, for error messages
+    tokenizer: "tokenizers.Tokenizer | None" = None
+    chat_template: str | None = None
+    generation: dict = field(default_factory=dict)  # bos/eos/pad token ids etc.
+    folder: Path | None = None  # HF folder, so processors can read preprocessor_config.json etc.
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+
+class LazyTensors(Mapping):
+    """A read-only name -> array mapping whose arrays are produced on lookup.
+
+    Nothing is cached: each lookup reads (and converts, where needed) the tensor again, so a
+    caller that wants to keep an array should keep the returned object. Zero-copy formats
+    (f32/f16 safetensors, f32 GGUF) return read-only memory-mapped views, which cost nothing to
+    produce again. `describe(name)` gives shape and dtype without reading anything.
+    """
+
+    def __init__(self, source: str):
+        self._entries: dict[str, _Entry] = {}
+        self.source = source
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: Any, load: Callable[[], np.ndarray]) -> None:
+        if name in self._entries:
+            raise WeightsError(f"{self.source}: tensor {name!r} appears twice")
+        self._entries[name] = _Entry(tuple(int(d) for d in shape), np.dtype(dtype), load)
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        entry = self._entries[name]
+        return entry.shape, entry.dtype
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        entry = self._entries[name]
+        array = entry.load()
+        # A reader bug or a truncated file would otherwise surface much later as a shape error
+        # deep inside a matmul; catch it at the boundary where the tensor name is still known.
+        if array.shape != entry.shape or array.dtype != entry.dtype:
+            raise WeightsError(
+                f"{self.source}: tensor {name!r} decoded to {array.dtype}{list(array.shape)}, "
+                f"expected {entry.dtype}{list(entry.shape)}"
+            )
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def materialize(self, *, progress: bool = False) -> dict[str, np.ndarray]:
+        """Read every tensor now (e.g. to time loading separately from the first forward)."""
+        names = list(self._entries)
+        if progress:
+            from tqdm.auto import tqdm
+
+            names = tqdm(names, desc=f"reading {Path(self.source).name}", unit="tensor")
+        return {name: self[name] for name in names}
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({len(self)} tensors from {self.source})"
+
+
+def _shape_and_dtype(tensors: Mapping[str, np.ndarray], name: str) -> tuple[tuple[int, ...], np.dtype]:
+    # Our own lazy mappings can answer without decoding; any other mapping has to hand over arrays.
+    describe = getattr(tensors, "describe", None)
+    if callable(describe):
+        return describe(name)
+    array = tensors[name]
+    return tuple(array.shape), np.dtype(array.dtype)
+
+
+def _dtype_matches(expected: str | None, found: np.dtype) -> bool:
+    # "float" (or None/"any") lets a model accept f32, f16 and bf16-converted checkpoints alike;
+    # anything else must match exactly.
+    if expected in (None, "", "any"):
+        return True
+    if expected == "float":
+        return np.issubdtype(found, np.floating)
+    return np.dtype(expected) == found
+
+
+def check_tensors(
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    tensors: Mapping[str, np.ndarray],
+    source: str,
+) -> None:
+    """Compare a checkpoint's tensors with what a model expects, and report every problem at once.
+
+    `expected` maps names to `(shape, dtype)`; dtype is a numpy dtype name, or "float" for any
+    floating type, or None for any type. Raises `WeightsError` listing missing names, unexpected
+    names and tensors of the wrong shape/dtype together, so one run shows the whole mismatch
+    instead of the first symptom.
+    """
+    missing = sorted(name for name in expected if name not in tensors)
+    unexpected = sorted(name for name in tensors if name not in expected)
+    wrong = []
+    for name, (shape, dtype) in expected.items():
+        if name not in tensors:
+            continue
+        found_shape, found_dtype = _shape_and_dtype(tensors, name)
+        if tuple(found_shape) != tuple(shape) or not _dtype_matches(dtype, found_dtype):
+            want = f"{dtype or 'any'}{list(shape)}"
+            wrong.append(f"{name}: expected {want}, found {found_dtype}{list(found_shape)}")
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"checkpoint {source} does not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)):
+        if items:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+    raise WeightsError("\n".join(lines))
+
+
+def load_checkpoint(path_or_id: str | Path, *, progress: bool = True) -> Checkpoint:
+    """Load a checkpoint from a local HF folder, a local .gguf file, an alias or a Hub id.
+
+    Only a Hub id touches the network (and only when its files are not cached already).
+    """
+    # Imported here because the readers import this module for Checkpoint/WeightsError.
+    from .resolve import resolve_model
+
+    path = resolve_model(path_or_id, progress=progress)
+    if path.is_file():
+        from .gguf_file import load_gguf
+
+        return load_gguf(path)
+    from .safetensors_folder import load_safetensors_folder
+
+    return load_safetensors_folder(path)
