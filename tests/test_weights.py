@@ -60,6 +60,13 @@ def gguf_ckpt():
 
 
 @pytest.fixture(scope="module")
+def gguf_meta(gguf_ckpt):
+    from meganeura.weights.gguf_file import _metadata
+
+    return _metadata(gguf.GGUFReader(gguf_ckpt.source))
+
+
+@pytest.fixture(scope="module")
 def reference():
     """transformers' model (float32) and tokenizer, both read from the same GGUF file."""
     path = resolve_model(ALIAS)
@@ -133,14 +140,11 @@ def test_gguf_chat_template(gguf_ckpt, reference):
     assert gguf_ckpt.tokenizer.encode(rendered).ids == ref(expected)["input_ids"]
 
 
-def test_split_digits_variant_isolates_digits(gguf_ckpt):
+def test_split_digits_variant_isolates_digits(gguf_ckpt, gguf_meta):
     """The opt-in llama.cpp / SmolLM2-tokenizer.json split: whitespace never sticks to a digit."""
-    from meganeura.weights.gguf_file import _metadata
-
-    meta = _metadata(gguf.GGUFReader(gguf_ckpt.source))
     from meganeura.weights import build_gguf_tokenizer
 
-    tok = build_gguf_tokenizer(meta, split_digits=True)
+    tok = build_gguf_tokenizer(gguf_meta, split_digits=True)
     assert tok.encode("a  1").tokens == ["a", "ĠĠ", "1"]
     assert gguf_ckpt.tokenizer.encode("a  1").tokens == ["a", "Ġ", "Ġ", "1"]
     assert tok.encode("x 12345").ids == gguf_ckpt.tokenizer.encode("x 12345").ids
@@ -546,11 +550,10 @@ def test_offline_uncached_hub_id_explains_how_to_get_it(tmp_path):
     assert "local folder" in out.stdout
 
 
-def test_bos_eos_flags_add_tokens(gguf_ckpt):
+def test_bos_eos_flags_add_tokens(gguf_ckpt, gguf_meta):
     from meganeura.weights import build_gguf_tokenizer
-    from meganeura.weights.gguf_file import _metadata
 
-    meta = _metadata(gguf.GGUFReader(gguf_ckpt.source))
+    meta = dict(gguf_meta)
     assert meta["tokenizer.ggml.add_bos_token"] is False  # SmolLM2 adds nothing by itself
     meta["tokenizer.ggml.add_bos_token"] = meta["tokenizer.ggml.add_eos_token"] = True
     tok = build_gguf_tokenizer(meta)

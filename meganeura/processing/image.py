@@ -188,6 +188,10 @@ def _decode_data_url(url: str, max_pixels: int | None) -> Image.Image:
 def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load an image from a path, PIL image, numpy array, raw bytes or data URL, as RGB.
 
+    EXIF orientation is applied to encoded sources (files, bytes, data URLs), as
+    transformers' ``load_image`` does; PIL images and arrays are taken as they are, and an
+    RGB PIL image is returned as is (not copied).
+
     Remote (http/https) URLs are refused: fetching is the caller's decision. Every failure
     raises :class:`ImageError` (a ``ValueError``) naming the source and the problem.
     ``max_pixels=None`` disables our size limit (Pillow's own bomb check still applies to
@@ -284,7 +288,7 @@ class ImageProcessorConfig:
                 kwargs[key] = int(value)
             elif key == "rescale_factor":
                 kwargs[key] = float(value)
-            elif key in known and key != "longest_edge":
+            elif key.startswith("do_") and key in known:
                 kwargs[key] = bool(value)
         return cls(**kwargs)
 
