@@ -63,3 +63,39 @@ def rel_err(a, b) -> float:
 
 __all__ = ["tiny_llama", "tiny_smolvlm", "state_dict", "llama_spec", "smolvlm_spec", "rel_err", "IMAGE_TOKEN",
            "llama"]
+
+
+SMOLVLM_SPECIALS = (["<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+                    + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
+
+
+def write_tiny_smolvlm_folder(folder, seed: int = 0):
+    """A complete tiny SmolVLM checkpoint folder, as a user would download one: weights via
+    save_pretrained, tokenizer.json (SmolLM2's vocabulary from the shipped GGUF plus SmolVLM's
+    special tokens), the chat template and processor configs sized for a 64-pixel encoder.
+    Returns the transformers model."""
+    import json
+
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    from meganeura.weights import load_checkpoint
+
+    tokenizer = load_checkpoint("smollm2-135m-instruct", progress=False).tokenizer
+    tokenizer.add_special_tokens(SMOLVLM_SPECIALS)
+    model = tiny_smolvlm(seed)
+    model.config.image_token_id = tokenizer.token_to_id("<image>")
+    model.config.text_config.vocab_size = 49280
+    model.resize_token_embeddings(49280)
+    with torch.no_grad():  # new rows start at the mean: make them distinct
+        model.get_input_embeddings().weight.add_(torch.randn_like(model.get_input_embeddings().weight) * 0.02)
+    end = tokenizer.token_to_id("<end_of_utterance>")
+    model.config.eos_token_id = model.generation_config.eos_token_id = end
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": DEFAULT_CHAT_TEMPLATE}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_image_splitting": True, "size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 64},
+        "resample": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}))
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": 16}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": end}))
+    return model
