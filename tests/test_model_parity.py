@@ -8,7 +8,8 @@ from meganeura import CompileOptions, Graph, build_inference_session
 from meganeura.models import smollm2
 from meganeura.models.smolvlm2 import (SmolVLM2Config, build_graph, build_vision_encoder, build_vision_graph,
                                        connector)
-from meganeura.runtime import CheckpointMismatch, Runtime
+from meganeura.runtime import Runtime
+from meganeura.weights import WeightsError
 from tiny_models import (IMAGE_TOKEN, llama_spec, rel_err, smolvlm_spec, state_dict, tiny_llama, tiny_smolvlm)
 
 BACKENDS = ["numpy", "torch"]
@@ -184,9 +185,9 @@ def test_checkpoint_mismatch_lists_names(vlm):
     weights.pop("model.connector.modality_projection.proj.weight")
     weights["model.extra.weight"] = np.zeros(3, np.float32)
     weights["lm_head.weight"] = np.zeros((3, 3), np.float32)
-    with pytest.raises(CheckpointMismatch) as e:
+    with pytest.raises(WeightsError) as e:
         rt.load_weights(weights, source="tiny.safetensors")
     msg = str(e.value)
-    for part in ("tiny.safetensors", "1 missing: model.connector.modality_projection.proj.weight",
-                 "1 unexpected: model.extra.weight", "lm_head.weight: expected [300, 64], found [3, 3]"):
+    for part in ("tiny.safetensors", "missing (1):\n    model.connector.modality_projection.proj.weight",
+                 "unexpected (1):\n    model.extra.weight", "lm_head.weight: expected float[300, 64], found float32[3, 3]"):
         assert part in msg

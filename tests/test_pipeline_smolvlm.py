@@ -77,3 +77,18 @@ def test_image_inputs_and_errors(pipe, tmp_path):
         pipe.generate(_messages(str(tmp_path / "empty.png")))
     with pytest.raises(ValueError, match="unsupported content part type 'audio'"):
         pipe.generate([{"role": "user", "content": [{"type": "audio"}]}])
+
+
+def test_example_walkthrough_answers_like_the_pipeline(checkpoint, pipe, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    png = tmp_path / "photo.png"
+    _photo(90, 60).save(png)
+    example = Path(__file__).parent.parent / "examples" / "smolvlm2.py"
+    out = subprocess.run([sys.executable, str(example), "--model", str(checkpoint[0]), "--image", str(png),
+                          "--max-new-tokens", "8", "What is this?"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    expected = pipe.generate(_messages(str(png), text="What is this?"), max_new_tokens=8).text
+    assert out.stdout.strip() == expected.strip()

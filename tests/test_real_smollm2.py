@@ -100,3 +100,20 @@ def test_bad_requests_are_clear_errors(pipe, capsys):
         pipe.generate([{"content": "no role"}])
     assert cli_main(["run", "--model", "/nonexistent/folder", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_chat_and_inspect():
+    import subprocess
+    import sys
+
+    chat = subprocess.run([sys.executable, "-m", "meganeura.cli", "chat", "--model", "smollm2-135m-instruct",
+                           "--device", "cpu", "--max-new-tokens", "24"],
+                          input="What is the capital of France?\n/image missing.png\nAnd?\n/reset\n/quit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "Paris" in chat.stdout
+    assert "error:" in chat.stderr and "text only" in chat.stderr  # the bad turn is reported, the chat goes on
+    inspect = subprocess.run([sys.executable, "-m", "meganeura.cli", "inspect", "--model", "smollm2-135m-instruct"],
+                             capture_output=True, text=True, timeout=300)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "parameters: 272 tensors" in inspect.stdout and "dispatches" in inspect.stdout

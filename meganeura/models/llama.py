@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..graph import Graph, Node
+
+
+def read_config(config: dict | str | Path) -> dict:
+    """A config.json as a dict: given as a dict, the file, or its folder."""
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read a config from {path}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..graph import Graph, Node
-from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head
+from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
 
 NAMES = DecoderNames(model="model.")
 
@@ -31,13 +30,7 @@ def smollm2_1_7b() -> TextConfig:
 
 def from_hf(config: dict | str | Path) -> TextConfig:
     """From a llama config.json (dict, file or folder); unknown keys ignored."""
-    if not isinstance(config, dict):
-        path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read a config from {path}: {e}") from None
+    config = read_config(config)
     if config.get("model_type", "llama") != "llama":
         raise ValueError(f"not a Llama config: model_type {config.get('model_type')!r}")
     return TextConfig.from_dict(config)

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..graph import Graph, Node
 from . import siglip
-from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head
+from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
 from .siglip import VisionConfig, patch_mask, patchify, position_ids
 
 NAMES = DecoderNames(model="model.text_model.")
@@ -89,13 +88,7 @@ class SmolVLM2Config:
     @classmethod
     def from_hf(cls, config: dict | str | Path) -> "SmolVLM2Config":
         """From a checkpoint's config.json (a dict, the file, or its folder); unknown keys ignored."""
-        if not isinstance(config, dict):
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            try:
-                config = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read a config from {path}: {e}") from None
+        config = read_config(config)
         if "vision_config" not in config or "text_config" not in config:
             raise ValueError(f"not a SmolVLM config: no vision_config/text_config (model_type "
                              f"{config.get('model_type')!r})")
