@@ -154,7 +154,8 @@ def generate_stream(runtime, prompts: list[Prompt], cfg: GenerationConfig, eos_i
     while active:
         still = []
         for s in active:
-            history = list(s.prompt.token_ids) + s.stream.tokens
+            # the history only matters to the repetition penalty: don't rebuild it per token otherwise
+            history = list(s.prompt.token_ids) + s.stream.tokens if cfg.repetition_penalty != 1.0 else ()
             token = sample(rows[s.slot], cfg, s.rng, history)
             if token in eos_ids and not cfg.ignore_eos:
                 s.finish_reason = "stop"
