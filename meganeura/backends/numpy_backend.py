@@ -167,4 +167,4 @@ class NumpyBackend:
 
     def run(self, node: Node, args: list):
         out = OPS[node.op](node, *args)
-        return out.astype(node.dtype == "u32" and np.uint32 or np.float32, copy=False)
+        return out.astype(np.uint32 if node.dtype == "u32" else np.float32, copy=False)

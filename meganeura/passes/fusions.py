@@ -8,7 +8,6 @@ after earlier rewrites (e.g. swiglu over the halves of a merged gate|up projecti
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 from ..graph import Graph, Node
 from .core import PassReport, consumers, substitute
