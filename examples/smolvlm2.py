@@ -47,7 +47,7 @@ batch = preprocess_images([[load_image(args.image)]], image_config)
 pixel_values = batch["pixel_values"][0]  # [tiles, 3, 512, 512]
 tiles = pixel_values.shape[0]
 
-# 3. Vision graph: patches -> encoder -> pixel shuffle -> connector, all in one plan.
+# 3. Vision graph: pixels -> patches -> encoder -> pixel shuffle -> connector, all in one plan.
 vision = compile_graph(lambda g: build_vision_graph(g, config, images=tiles))
 for name, value in vision_inputs(config, pixel_values).items():
     vision.set_input(name, value)

@@ -266,12 +266,16 @@ class Graph:
         return self.attention(q, k, v, num_heads, num_heads, causal=False, block=block, key_mask=key_mask)
 
     def cached_attention(self, q: Node, k: Node, v: Node, k_cache: Node, v_cache: Node,
-                         slots: Node, positions: Node, num_heads: int, num_kv_heads: int) -> Node:
+                         slots: Node, positions: Node, num_heads: int, num_kv_heads: int,
+                         mode: str = "any", rope_theta: float | None = None) -> Node:
         """Write each row's k, v into cache[slot, position], then attend causally over the cache.
 
         Row i attends to cache[slots[i], 0..positions[i]]. All writes happen before reads, so one
         call serves a prefill (one slot, consecutive positions), a batched decode (one row per
-        slot) and any mix of the two.
+        slot) and any mix of the two. `mode` is a promise about the rows that lets a backend pick
+        a faster kernel without reading them: "prefill" (one slot, positions 0..rows-1),
+        "decode" (each row its own slot) or "any". With `rope_theta`, q and k are rotated
+        (rope) at their positions first: the fusion of rope into the cache write.
         """
         op = "cached_attention"
         head_dim = self._check_qkv(op, q, k, v, num_heads, num_kv_heads)
@@ -282,8 +286,10 @@ class Graph:
                    f"caches must be states [slots, max_seq, {num_kv_heads * head_dim}]", k_cache, v_cache)
         self._need(slots.dtype == positions.dtype == "u32" and slots.shape == positions.shape == (rows,), op,
                    f"slots and positions must be u32 [{rows}]", slots, positions)
-        return self._add(op, (q, k, v, k_cache, v_cache, slots, positions), q.shape,
-                         num_heads=num_heads, num_kv_heads=num_kv_heads)
+        self._need(mode in ("any", "prefill", "decode"), op, f"mode must be any, prefill or decode, got {mode!r}", q)
+        return self._add(op, (q, k, v, k_cache, v_cache, slots, positions), q.shape, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, mode=mode,
+                         rope_theta=None if rope_theta is None else float(rope_theta))
 
     # ---- indexing and layout -------------------------------------------------------
     def embedding(self, ids: Node, table: Node) -> Node:
@@ -322,6 +328,15 @@ class Graph:
         shape = list(x.shape)
         shape[ax] = stop - start
         return self._add("slice", (x,), shape, x.dtype, axis=ax, start=int(start), stop=int(stop))
+
+    def patchify(self, pixels: Node, patch: int) -> Node:
+        """Images [n, C, H, W] -> patches [n * (H/p) * (W/p), C*p*p], each row ordered (c, ky, kx)
+        like a Conv2d kernel [out, C, p, p], so the patch embedding is a plain matmul."""
+        self._need(pixels.dtype == "f32" and len(pixels.shape) == 4 and pixels.shape[2] % patch == 0
+                   and pixels.shape[3] % patch == 0, "patchify", f"needs f32 [n, C, H, W] with H, W divisible by "
+                   f"{patch}", pixels)
+        n, c, h, w = pixels.shape
+        return self._add("patchify", (pixels,), (n * (h // patch) * (w // patch), c * patch * patch), patch=patch)
 
     def pixel_shuffle(self, x: Node, images: int, scale: int) -> Node:
         """Space-to-depth over each image's square patch grid, as SmolVLM's connector does:

@@ -3,6 +3,10 @@
 The vision graph, the prefill graphs and the decode graphs are separate plans compiled on
 demand per static shape and sharing one `Store` (weights once, one KV cache). Outputs stay
 on the backend between stages: vision features go into the prefill without a host copy.
+
+On CUDA each decode step is a recorded CUDA graph: the batch is padded up to a bucket size
+(1, 2, 4, 8, ... num_slots) with rows that write to a scratch cache slot, so a handful of
+recordings serve every batch.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ class ModelSpec:
 
 class Runtime:
     def __init__(self, spec: ModelSpec, options: CompileOptions | None = None, max_seq: int | None = None,
-                 num_slots: int = 1) -> None:
+                 num_slots: int = 1, vision_batch: int = 16) -> None:
         self.spec = spec
         self.options = options or CompileOptions()
         self.max_seq = max_seq or 256  # grown on demand by reserve()
         self.num_slots = num_slots
+        self.vision_batch = vision_batch  # images per vision run: bounds the encoder's activations
         self.store = Store(make_backend(self.options))
         self.backend = self.store.backend
+        self.record = getattr(self.backend, "can_capture", False)
         self._sessions: dict[tuple, Session] = {}
+        self._new_session: Session | None = None
 
     # ---- weights ----------------------------------------------------------------------
     def expected_parameters(self) -> dict:
@@ -74,21 +81,43 @@ class Runtime:
         self.store.states.clear()
 
     # ---- sessions ---------------------------------------------------------------------
-    def build_text_graph(self, g: Graph, rows: int, logit_rows: int, image_tokens: int):
-        return llama.build_text_step(g, self.spec.text, self.spec.names, rows, self.num_slots, self.max_seq,
-                                     logit_rows, image_tokens)
+    @property
+    def _scratch_slot(self) -> int:
+        """The cache slot that padding rows of a recorded decode write to (never read)."""
+        return self.num_slots
 
-    def _session(self, key: tuple, build) -> Session:
+    def build_text_graph(self, g: Graph, rows: int, logit_rows: int, image_tokens: int, mode: str = "any"):
+        slots = self.num_slots + (1 if self.record else 0)
+        return llama.build_text_step(g, self.spec.text, self.spec.names, rows, slots, self.max_seq,
+                                     logit_rows, image_tokens, mode)
+
+    def _session(self, key: tuple, build, record: bool = False) -> Session:
         s = self._sessions.get(key)
         if s is None:
             g = Graph()
             g.set_outputs([build(g)])
-            s = self._sessions[key] = Session(g, self.options, self.store)
+            s = self._sessions[key] = Session(g, self.options, self.store, capture=record)
+            self._new_session = s
         return s
 
+    def _after_run(self, s: Session) -> None:
+        """A new plan has made its constants: drop the weights that live on only inside them
+        (merged q|k|v and gate|up parts), halving those layers' memory."""
+        if s is self._new_session:
+            self._new_session = None
+            read = set().union(*(t.direct_parameters for t in self._sessions.values()))
+            self.store.release([n for n in self.store.parameters if n not in read])
+
+    def _bucket(self, rows: int) -> int:
+        size = 1
+        while size < rows:
+            size *= 2
+        return min(size, self.num_slots)
+
     # ---- running ----------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None = None):
-        """Images [n, 3, H, W] -> features [n * tokens, text_hidden] (backend-resident).
+    def encode_images(self, pixel_values, pixel_attention_mask: np.ndarray | None = None):
+        """Images [n, 3, H, W] (host array or backend tensor) -> features [n * tokens, text_hidden]
+        (backend-resident), encoded `vision_batch` images at a time.
 
         The mask path (padding, bucketed position ids) runs only when some pixel is padding."""
         vlm = self.spec.vlm
@@ -96,28 +125,58 @@ class Runtime:
             raise ValueError("this model has no vision encoder: it takes text only")
         n, _, h, w = pixel_values.shape
         padded = pixel_attention_mask is not None and not bool(np.all(pixel_attention_mask))
-        per_image = (h // vlm.vision.patch_size) * (w // vlm.vision.patch_size)
-        s = self._session(("vision", n, per_image, padded),
-                          lambda g: build_vision_graph(g, vlm, n, per_image, padded))
-        for name, value in vision_inputs(vlm, pixel_values, pixel_attention_mask if padded else None).items():
-            s.set_input(name, value)
-        s.run()
-        return s.output()
+        parts = []
+        for start in range(0, n, self.vision_batch):
+            count = min(self.vision_batch, n - start)
+            s = self._session(("vision", count, h, w, padded), lambda g: build_vision_graph(g, vlm, count, (h, w), padded))
+            mask = pixel_attention_mask[start:start + count] if padded else None
+            for name, value in vision_inputs(vlm, pixel_values[start:start + count], mask).items():
+                s.set_input(name, value)
+            s.run()
+            self._after_run(s)
+            parts.append(s.output())
+        return parts[0] if len(parts) == 1 else self.backend.concat(parts)
 
     def step(self, token_ids, positions, slots, logit_rows, image_features=None, image_rows=None):
-        """One prefill or decode step (see `llama.build_text_step`) -> logits [len(logit_rows), vocab]."""
+        """One prefill or decode step (see `llama.build_text_step`) -> logits [len(logit_rows), vocab].
+
+        A prefill is one sequence's rows at positions 0..n-1; a decode is one row per sequence,
+        each in its own slot, with every row's logits; anything else runs the general path."""
+        token_ids, positions, slots = (np.asarray(a, dtype=np.int64) for a in (token_ids, positions, slots))
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
-        s = self._session(("text", rows, k, m), lambda g: self.build_text_graph(g, rows, k, m))
-        s.set_input("token_ids", np.asarray(token_ids, dtype=np.uint32))
-        s.set_input("positions", np.asarray(positions, dtype=np.uint32))
-        s.set_input("slots", np.asarray(slots, dtype=np.uint32))
-        s.set_input("logit_rows", np.asarray(logit_rows, dtype=np.uint32))
+        if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:
+            return self._decode(token_ids, positions, slots)
+        mode = "prefill" if (slots == slots[0]).all() and np.array_equal(positions, np.arange(rows)) else "any"
+        s = self._session(("text", rows, k, m, mode), lambda g: self.build_text_graph(g, rows, k, m, mode))
+        self._feed(s, token_ids, positions, slots, logit_rows)
         if m:
             s.set_input("image_features", image_features)
             s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32))
         s.run()
+        self._after_run(s)
         return s.output()
+
+    def _decode(self, token_ids, positions, slots):
+        rows = len(token_ids)
+        size = self._bucket(rows) if self.record else rows
+        if size > rows:  # padding rows: token 0 at position 0 of the scratch slot
+            pad = size - rows
+            token_ids, positions = np.pad(token_ids, (0, pad)), np.pad(positions, (0, pad))
+            slots = np.pad(slots, (0, pad), constant_values=self._scratch_slot)
+        s = self._session(("text", size, size, 0, "decode"),
+                          lambda g: self.build_text_graph(g, size, size, 0, "decode"), record=self.record)
+        self._feed(s, token_ids, positions, slots, np.arange(size))
+        s.run()
+        self._after_run(s)
+        out = s.output()
+        return out[:rows] if size > rows else out
+
+    @staticmethod
+    def _feed(s: Session, token_ids, positions, slots, logit_rows) -> None:
+        for name, value in (("token_ids", token_ids), ("positions", positions), ("slots", slots),
+                            ("logit_rows", logit_rows)):
+            s.set_input(name, np.asarray(value, dtype=np.uint32))
 
     def to_host(self, value) -> np.ndarray:
         return self.backend.to_host(value)

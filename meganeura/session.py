@@ -7,6 +7,7 @@ the constants prepared from them and the persistent states (KV cache) live there
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,17 +40,35 @@ def make_backend(options: CompileOptions):
 
 
 class Store:
-    """Backend-resident parameters, prepared constants and states, shared by sessions."""
+    """Backend-resident parameters, prepared constants and states, shared by sessions.
+
+    A parameter that only feeds prepared constants (the parts of a merged q|k|v weight) can be
+    released once its constants exist: `release` drops the backend copy and `parameter` uploads
+    it again from its host source if a later graph reads it directly."""
 
     def __init__(self, backend) -> None:
         self.backend = backend
+        self.sources: dict[str, object] = {}
         self.parameters: dict[str, object] = {}
         self.states: dict[str, object] = {}
         self.constants: dict[str, object] = {}
+        self.version = 0  # bumped when parameters change: captured replays must be re-recorded
 
     def set_parameter(self, name: str, array) -> None:
+        self.sources[name] = array
         self.parameters[name] = self.backend.from_host(array, "f32")
         self.constants.clear()  # derived from parameters: recompute on next use
+        self.version += 1
+
+    def parameter(self, name: str):
+        value = self.parameters.get(name)
+        if value is None:
+            value = self.parameters[name] = self.backend.from_host(self.sources[name], "f32")
+        return value
+
+    def release(self, names) -> None:
+        for name in names:
+            self.parameters.pop(name, None)
 
     def state(self, node: Node):
         value = self.states.get(node.name)
@@ -101,7 +120,12 @@ def _constant_key(node: Node, memo: dict) -> str:
 
 
 class Session:
-    def __init__(self, graph: Graph, options: CompileOptions | None = None, store: Store | None = None):
+    """A compiled graph. With `capture=True` (on backends that can record, i.e. CUDA) the first
+    run records every dispatch once and each run replays the recording: inputs are copied into
+    fixed buffers and outputs are overwritten in place by the next run."""
+
+    def __init__(self, graph: Graph, options: CompileOptions | None = None, store: Store | None = None,
+                 capture: bool = False):
         if not graph.outputs:
             raise SessionError("the graph has no outputs: call graph.set_outputs([...]) first")
         self.options = options or CompileOptions()
@@ -113,6 +137,9 @@ class Session:
         self._constant_keys = {n: _constant_key(n, memo) for n in self.plan.prepare}
         self._inputs: dict[str, object] = {}
         self._outputs: list = []
+        self.capture = capture and getattr(self.backend, "can_capture", False)
+        self._replay = None
+        self._recorded_version = None
 
     # ---- feeding ------------------------------------------------------------------
     def set_parameter(self, name: str, array) -> None:
@@ -125,10 +152,20 @@ class Session:
         node = self.plan.inputs.get(name)
         if node is None:
             raise _unknown("input", name, self.plan.inputs)
-        self._inputs[name] = self.backend.from_host(_check_array("input", node, array), node.dtype)
+        array = _check_array("input", node, array)
+        if self.capture and name in self._inputs:  # a recording reads this very buffer
+            self.backend.write(self._inputs[name], array, node.dtype)
+        else:
+            self._inputs[name] = self.backend.from_host(array, node.dtype)
 
     def missing_parameters(self) -> list[str]:
-        return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.parameters]
+        return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.sources]
+
+    @functools.cached_property
+    def direct_parameters(self) -> set[str]:
+        """Parameters the per-run dispatches (or outputs) read; the rest only feed prepared constants."""
+        read = [i for d in self.plan.dispatches for i in d.node.inputs] + self.plan.outputs
+        return {n.name for n in read if n.op == "parameter"}
 
     # ---- running ------------------------------------------------------------------
     def _prepare_constants(self, env: dict) -> None:
@@ -136,7 +173,8 @@ class Session:
             key = self._constant_keys[node]
             value = self.store.constants.get(key)
             if value is None:
-                value = self.store.constants[key] = self.backend.run(node, [env[i] for i in node.inputs])
+                args = [self.store.parameter(i.name) if i.op == "parameter" else env[i] for i in node.inputs]
+                value = self.store.constants[key] = self.backend.run(node, args)
             env[node] = value
 
     def run(self) -> None:
@@ -147,10 +185,18 @@ class Session:
         unset = [n for n in self.plan.inputs if n in self.plan.required and n not in self._inputs]
         if unset:
             raise SessionError(f"input(s) never set: {', '.join(unset)}")
+        if not self.capture:
+            self._execute()
+            return
+        if self._replay is None or self._recorded_version != self.store.version:
+            self._replay = self.backend.capture(self._execute)  # after a warm-up run: kernels, states
+            self._recorded_version = self.store.version
+        self._replay()
+
+    def _execute(self) -> None:
         env: dict[Node, object] = {}
-        for name, node in self.plan.parameters.items():
-            if name in self.plan.required:
-                env[node] = self.store.parameters[name]
+        for name in self.direct_parameters:
+            env[self.plan.parameters[name]] = self.store.parameter(name)
         for name, node in self.plan.inputs.items():
             if name in self.plan.required:
                 env[node] = self._inputs[name]

@@ -64,6 +64,9 @@ def op_attention(node: Node, q, k, v, key_mask=None):
 def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
     a = node.attrs
     heads, kv_heads = a["num_heads"], a["num_kv_heads"]
+    if a["rope_theta"] is not None:
+        d = q.shape[1] // heads
+        q, k = rotate(q, positions, d, a["rope_theta"]), rotate(k, positions, d, a["rope_theta"])
     k_cache[slots, positions] = k
     v_cache[slots, positions] = v
     out = np.empty_like(q)
@@ -77,8 +80,12 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions)
 def op_rope(node: Node, x, positions=None):
     if positions is None:
         positions = np.arange(x.shape[0])
-    d = node.attrs["head_dim"]
-    cos, sin = rope_tables(positions, d, node.attrs["theta"])
+    return rotate(x, positions, node.attrs["head_dim"], node.attrs["theta"])
+
+
+def rotate(x, positions, d: int, theta: float):
+    """Rotary embedding of x [rows, heads*d] at positions [rows]."""
+    cos, sin = rope_tables(positions, d, theta)
     xh = x.reshape(x.shape[0], -1, d)
     rotated = np.concatenate([-xh[..., d // 2:], xh[..., : d // 2]], axis=-1)
     return (xh * cos[:, None, :] + rotated * sin[:, None, :]).reshape(x.shape)
@@ -102,6 +109,13 @@ def gelu_tanh(x):
 
 def silu(x):
     return x / (np.float32(1.0) + np.exp(-x))
+
+
+def patchify(pixel_values: np.ndarray, patch: int) -> np.ndarray:
+    """[images, C, H, W] -> [images * (H/p) * (W/p), C*p*p], rows ordered (c, ky, kx)."""
+    n, c, h, w = pixel_values.shape
+    x = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch)
+    return np.ascontiguousarray(x.transpose(0, 2, 4, 1, 3, 5).reshape(-1, c * patch * patch), dtype=np.float32)
 
 
 def op_pixel_shuffle(node, x):
@@ -145,6 +159,7 @@ OPS = {
     "concat": lambda n, *xs: np.concatenate(xs, axis=n.attrs["axis"]),
     "slice": op_slice,
     "pixel_shuffle": op_pixel_shuffle,
+    "patchify": lambda n, x: patchify(x, n.attrs["patch"]),
 }
 
 
@@ -161,6 +176,9 @@ class NumpyBackend:
 
     def to_host(self, value) -> np.ndarray:
         return np.asarray(value)
+
+    def concat(self, parts: list) -> np.ndarray:
+        return np.concatenate(parts)
 
     def zeros(self, shape) -> np.ndarray:
         return np.zeros(shape, np.float32)

@@ -1,11 +1,15 @@
 """The torch backend: the same ops as numpy_backend.py, on torch tensors (CPU or CUDA).
 
 Weights and activations use `options.dtype`; norms, softmax and RoPE tables compute in
-float32 and cast back. u32 values are held as int64, torch's index type.
+float32 and round where transformers rounds (docs/design.md). u32 values are held as int64,
+torch's index type. On CUDA, RMSNorm, SwiGLU, RoPE + cache write and decode attention run
+as Triton kernels (meganeura/kernels); nothing on the decode path reads the GPU from the
+host, so a decode step can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -48,34 +52,82 @@ def op_attention(node: Node, q, k, v, key_mask=None):
     return out.reshape(q.shape)
 
 
-def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
-    a = node.attrs
-    k_cache[slots, positions] = k.to(k_cache.dtype)
-    v_cache[slots, positions] = v.to(v_cache.dtype)
-    out = torch.empty_like(q)
-    slot_list = slots.tolist()
-    pos = positions
-    for slot in sorted(set(slot_list)):  # one attention per sequence (prefill: exactly one)
-        rows = [i for i, s in enumerate(slot_list) if s == slot]
-        idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
-        length = int(pos[idx].max()) + 1
-        mask = torch.arange(length, device=q.device)[None, :] <= pos[idx][:, None]  # [rows, length]
-        out[idx] = _sdpa(q[idx][None], k_cache[slot, :length][None], v_cache[slot, :length][None],
-                         a["num_heads"], a["num_kv_heads"], mask=mask[None, None])[0]
-    return out
+@functools.cache
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fast(x: torch.Tensor) -> bool:
+    """Use the Triton kernels: on CUDA, when triton is installed."""
+    return x.is_cuda and _triton()
+
+
+def _kernel_head_dim(d: int) -> bool:
+    return d >= 16 and d & (d - 1) == 0  # tl.dot and tl.arange need a power of two >= 16
+
+
+@functools.cache
+def _inv_freq(theta: float, d: int, device: torch.device) -> torch.Tensor:
+    """RoPE inverse frequencies [d/2], float32, computed as transformers computes them."""
+    return torch.from_numpy(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).to(device)
+
+
+def rotate(x, positions, d: int, theta: float):
+    """Rotate-half RoPE of x [rows, heads*d]; cos/sin rounded to x's dtype and each product
+    rounded, as transformers does in bf16."""
+    freqs = positions.to(torch.float32)[:, None] * _inv_freq(theta, d, x.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    xh = x.reshape(x.shape[0], -1, d)
+    rotated = torch.cat([-xh[..., d // 2:], xh[..., : d // 2]], dim=-1)
+    return (xh * cos + rotated * sin).reshape(x.shape)
 
 
 def op_rope(node: Node, x, positions=None):
-    d, theta = node.attrs["head_dim"], node.attrs["theta"]
     if positions is None:
         positions = torch.arange(x.shape[0], device=x.device)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-    xh = x.reshape(x.shape[0], -1, d).float()
-    rotated = torch.cat([-xh[..., d // 2:], xh[..., : d // 2]], dim=-1)
-    return (xh * cos + rotated * sin).reshape(x.shape).to(x.dtype)
+    return rotate(x, positions, node.attrs["head_dim"], node.attrs["theta"])
+
+
+def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
+    a = node.attrs
+    heads, kv_heads, theta, mode = a["num_heads"], a["num_kv_heads"], a["rope_theta"], a["mode"]
+    d = q.shape[1] // heads
+    kernels = _fast(q) and _kernel_head_dim(d)
+    if kernels and theta is not None:
+        from ..kernels.rope_cache import rope_cache_write
+        q = rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, _inv_freq(theta, d, q.device), heads, kv_heads)
+        if mode == "prefill":  # the rotated keys live in the cache now (a gather, no host read)
+            k, v = k_cache[slots, positions], v_cache[slots, positions]
+    else:
+        if theta is not None:
+            q, k = rotate(q, positions, d, theta), rotate(k, positions, d, theta)
+        k_cache[slots, positions] = k.to(k_cache.dtype)
+        v_cache[slots, positions] = v.to(v_cache.dtype)
+    if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
+        return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
+    if mode == "decode" and kernels:
+        from ..kernels.decode_attention import decode_attention
+        return decode_attention(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+    return _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+
+
+def _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads):
+    """Any mix of rows, one attention per slot: reads the slots on the host (free on CPU)."""
+    out = torch.empty_like(q)
+    slot_list = slots.tolist()
+    for slot in sorted(set(slot_list)):
+        rows = [i for i, s in enumerate(slot_list) if s == slot]
+        idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
+        length = int(positions[idx].max()) + 1
+        mask = torch.arange(length, device=q.device)[None, :] <= positions[idx][:, None]  # [rows, length]
+        out[idx] = _sdpa(q[idx][None], k_cache[slot, :length][None], v_cache[slot, :length][None],
+                         heads, kv_heads, mask=mask[None, None])[0]
+    return out
 
 
 def op_linear(node: Node, x, w, *extra):
@@ -87,13 +139,23 @@ def op_linear(node: Node, x, w, *extra):
 
 
 def op_rms_norm(node: Node, x, w):
+    if _fast(x) and x.stride(-1) == 1:
+        from ..kernels.rms_norm import rms_norm
+        return rms_norm(x, w, node.attrs["eps"])
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.attrs["eps"])
-    return (w.float() * y).to(x.dtype)
+    return w * y.to(x.dtype)  # rounded before the weight, as transformers does
+
+
+def op_swiglu(node: Node, g, u):
+    if _fast(g) and g.stride(-1) == 1 and u.stride(-1) == 1:
+        from ..kernels.swiglu import swiglu
+        return swiglu(g, u)
+    return F.silu(g) * u
 
 
 def op_layer_norm(node: Node, x, w, b):
-    return F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float(), node.attrs["eps"]).to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), w, b, node.attrs["eps"])  # fp32 statistics inside
 
 
 def op_pixel_shuffle(node: Node, x):
@@ -102,6 +164,12 @@ def op_pixel_shuffle(node: Node, x):
     side = int(round((rows // images) ** 0.5))
     g = x.reshape(images, side // s, s, side // s, s, d)
     return g.permute(0, 1, 3, 2, 4, 5).reshape(node.shape)
+
+
+def op_patchify(node: Node, x):
+    n, c, h, w = x.shape
+    p = node.attrs["patch"]
+    return x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(node.shape)
 
 
 def op_scatter_rows(node: Node, base, index, src):
@@ -118,7 +186,7 @@ OPS = {
     "bias_add": lambda n, x, b: x + b,
     "gelu": lambda n, x: F.gelu(x, approximate="tanh"),
     "silu": lambda n, x: F.silu(x),
-    "swiglu": lambda n, g, u: F.silu(g) * u,
+    "swiglu": op_swiglu,
     "layer_norm": op_layer_norm,
     "rms_norm": op_rms_norm,
     "rope": op_rope,
@@ -130,6 +198,7 @@ OPS = {
     "concat": lambda n, *xs: torch.cat(xs, dim=n.attrs["axis"]),
     "slice": lambda n, x: x.narrow(n.attrs["axis"], n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
     "pixel_shuffle": op_pixel_shuffle,
+    "patchify": op_patchify,
 }
 
 
@@ -159,10 +228,36 @@ class TorchBackend:
             return t.to(self.device, torch.int64)
         return t.to(self.device, self.dtype)
 
+    @property
+    def can_capture(self) -> bool:
+        return self.device.type == "cuda"
+
+    def write(self, dst: torch.Tensor, array, dtype: str) -> None:
+        """Copy a host array into an existing device buffer (the inputs of a recorded run)."""
+        src = array if isinstance(array, torch.Tensor) else torch.from_numpy(
+            np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array))
+        dst.copy_(src)
+
+    def capture(self, fn):
+        """Record fn's kernels as one CUDA graph; returns the replay callable. Replays are
+        idempotent runs of the same step, so the warm-up and the recording may run it again."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()  # warm-up off the main stream, as torch asks (cuBLAS workspaces)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
     def to_host(self, value: torch.Tensor) -> np.ndarray:
         if value.dtype == torch.int64:
             return value.cpu().numpy().astype(np.uint32)
         return value.float().cpu().numpy()
+
+    def concat(self, parts: list) -> torch.Tensor:
+        return torch.cat(parts)
 
     def zeros(self, shape) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)

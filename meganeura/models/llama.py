@@ -114,19 +114,20 @@ def kv_cache(g: Graph, cfg: TextConfig, names: DecoderNames, i: int, slots: int,
 
 
 def decoder_cached(g: Graph, cfg: TextConfig, names: DecoderNames, embeds: Node, positions: Node,
-                   slots: Node, num_slots: int, max_seq: int) -> Node:
-    """All layers for rows at (slot, position), reading and extending the KV cache."""
+                   slots: Node, num_slots: int, max_seq: int, mode: str = "any") -> Node:
+    """All layers for rows at (slot, position), reading and extending the KV cache (`mode`: see
+    `Graph.cached_attention`)."""
     x = embeds
     for i in range(cfg.num_hidden_layers):
         k_cache, v_cache = kv_cache(g, cfg, names, i, num_slots, max_seq)
         x = _layer(g, cfg, names.layer(i), x, positions,
                    lambda q, k, v: g.cached_attention(q, k, v, k_cache, v_cache, slots, positions,
-                                                      cfg.num_attention_heads, cfg.num_key_value_heads))
+                                                      cfg.num_attention_heads, cfg.num_key_value_heads, mode))
     return x
 
 
 def build_text_step(g: Graph, cfg: TextConfig, names: DecoderNames, rows: int, num_slots: int, max_seq: int,
-                    logit_rows: int, image_tokens: int = 0) -> Node:
+                    logit_rows: int, image_tokens: int = 0, mode: str = "any") -> Node:
     """The graph for one step of generation: a prefill (rows = prompt length, one slot) or a
     batched decode (rows = sequences, one row per slot); both are the same computation.
 
@@ -142,6 +143,6 @@ def build_text_step(g: Graph, cfg: TextConfig, names: DecoderNames, rows: int, n
     if image_tokens:
         features = g.input("image_features", [image_tokens, cfg.hidden_size])
         x = g.scatter_rows(x, g.input_u32("image_rows", [image_tokens]), features)
-    hidden = decoder_cached(g, cfg, names, x, positions, slots, num_slots, max_seq)
+    hidden = decoder_cached(g, cfg, names, x, positions, slots, num_slots, max_seq, mode)
     picked = g.embedding(g.input_u32("logit_rows", [logit_rows]), hidden)
     return lm_head(g, cfg, names, picked)

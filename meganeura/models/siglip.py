@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends.numpy_backend import patchify  # noqa: F401  (host-side, for `image_patches` inputs)
 from ..graph import Graph, Node
 
 PREFIX = "model.vision_model."
@@ -48,15 +49,7 @@ class VisionConfig:
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
-# ---- host-side layout (numpy): pixels -> patches, masks -> position ids -------------------
-
-def patchify(pixel_values: np.ndarray, patch: int) -> np.ndarray:
-    """[images, C, H, W] -> [images * (H/p) * (W/p), C*p*p], each row ordered (c, ky, kx) like
-    the Conv2d kernel [out, C, p, p], so the patch embedding is a plain matmul."""
-    n, c, h, w = pixel_values.shape
-    x = pixel_values.reshape(n, c, h // patch, patch, w // patch, patch)
-    return np.ascontiguousarray(x.transpose(0, 2, 4, 1, 3, 5).reshape(-1, c * patch * patch), dtype=np.float32)
-
+# ---- host-side layout (numpy): masks -> position ids -------------------
 
 def patch_mask(pixel_attention_mask: np.ndarray, patch: int) -> np.ndarray:
     """A patch is valid when any of its pixels is: [images, H, W] -> bool [images, H/p, W/p]."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..graph import Graph, Node
 from . import siglip
 from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
-from .siglip import VisionConfig, patch_mask, patchify, position_ids
+from .siglip import VisionConfig, patch_mask, position_ids
 
 NAMES = DecoderNames(model="model.text_model.")
 CONNECTOR = "model.connector.modality_projection.proj.weight"
@@ -130,16 +130,19 @@ def build_graph(g: Graph, config: SmolVLM2Config, text_seq_len: int) -> Node:
     return lm_head(g, config.text, NAMES, decoder_full(g, config.text, NAMES, embeds, None))
 
 
-def build_vision_graph(g: Graph, config: SmolVLM2Config, images: int, patches_per_image: int | None = None,
+def build_vision_graph(g: Graph, config: SmolVLM2Config, images: int, size: tuple[int, int] | None = None,
                        padded: bool = False) -> Node:
     """Images (tiles or frames) -> image features [images * tokens, text_hidden], all in the graph:
-    encoder, pixel shuffle, connector.
+    patchify, encoder, pixel shuffle, connector.
 
-    Inputs: `pixel_patches` [images * patches_per_image, patch_dim] (see `siglip.patchify`); with
-    padded=True also `patch_positions` u32 [images * patches_per_image] and `patch_mask`
-    [images, patches_per_image] (see `vision_inputs`)."""
-    n = patches_per_image or config.num_patches
-    patches = g.input("pixel_patches", [images * n, config.patch_dim])
+    Inputs: `pixel_values` [images, 3, H, W] (size = (H, W), default the encoder's image size);
+    with padded=True also `patch_positions` u32 [images * patches] and `patch_mask`
+    [images, patches] (see `vision_inputs`)."""
+    v = config.vision
+    h, w = size or (v.image_size, v.image_size)
+    pixels = g.input("pixel_values", [images, v.num_channels, h, w])
+    patches = g.patchify(pixels, v.patch_size)
+    n = patches.shape[0] // images
     positions = mask = None
     if padded:
         positions = g.input_u32("patch_positions", [images * n])
@@ -149,9 +152,9 @@ def build_vision_graph(g: Graph, config: SmolVLM2Config, images: int, patches_pe
 
 
 def vision_inputs(config: SmolVLM2Config, pixel_values, pixel_attention_mask=None) -> dict:
-    """Host arrays for `build_vision_graph` from processor outputs [images, 3, H, W] (+ mask)."""
+    """Inputs for `build_vision_graph` from processor outputs [images, 3, H, W] (+ mask, on the host)."""
     p = config.vision.patch_size
-    inputs = {"pixel_patches": patchify(pixel_values, p)}
+    inputs = {"pixel_values": pixel_values}
     if pixel_attention_mask is not None:
         mask = patch_mask(pixel_attention_mask.astype(bool), p)
         inputs["patch_positions"] = position_ids(mask, config.vision.patches_per_side).reshape(-1).astype("uint32")

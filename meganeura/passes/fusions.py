@@ -48,6 +48,22 @@ def fuse_swiglu(g: Graph, n: Node, uses) -> Node | None:
     return None
 
 
+def fuse_rope_into_cached_attention(g: Graph, n: Node, uses) -> Node | None:
+    """cached_attention(rope(q, pos), rope(k, pos), v, ..., pos) -> cached_attention(q, k, v, ...,
+    rope_theta): one kernel rotates q and k and writes the cache, instead of three passes."""
+    if n.op != "cached_attention" or n.attrs["rope_theta"] is not None:
+        return None
+    q, k, v, k_cache, v_cache, slots, positions = n.inputs
+    a = n.attrs
+    head_dim = q.shape[1] // a["num_heads"]
+    for r in (q, k):
+        if (r.op != "rope" or uses[r] != 1 or len(r.inputs) != 2 or r.inputs[1] is not positions
+                or r.attrs["head_dim"] != head_dim or r.attrs["theta"] != q.attrs.get("theta")):
+            return None
+    return g.cached_attention(q.inputs[0], k.inputs[0], v, k_cache, v_cache, slots, positions, a["num_heads"],
+                              a["num_kv_heads"], mode=a["mode"], rope_theta=q.attrs["theta"])
+
+
 def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
     """Linears that read the same x with parameter weights (q|k|v, gate|up) become one linear
     over the concatenated weight, followed by column slices. The concatenation depends on
@@ -97,5 +113,5 @@ def apply_rules(g: Graph, rules, report: PassReport) -> None:
 FUSION_RULES = [
     [fuse_bias_into_linear],
     [merge_sibling_linears],
-    [fuse_residual_into_linear, fuse_swiglu],
+    [fuse_residual_into_linear, fuse_swiglu, fuse_rope_into_cached_attention],
 ]

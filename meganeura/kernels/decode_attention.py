@@ -1,0 +1,104 @@
+"""Decode attention over the KV cache with grouped-query heads, split over the sequence.
+
+Each row (one sequence) attends to cache[slot, 0..position]. Batch 1 has only kv_heads
+programs of work per row, far too few for a GPU, so the keys are cut into `splits` chunks
+(flash-decoding): each program reduces one chunk for all query heads sharing a kv head
+(one tl.dot for the group), and a second kernel merges the chunks' partial softmaxes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_ptr, l_ptr, acc_ptr,
+                  stride_q, stride_slot, stride_token, scale,
+                  H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(positions_ptr + row) + 1
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    heads = kv_head * G + g
+    q = tl.load(q_ptr + row * stride_q + heads[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
+    cache = tl.load(slots_ptr + row) * stride_slot + kv_head * D
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    n0 = start
+    while n0 < end:  # a while loop: Triton's interpreter can't take tensor bounds in range()
+        n = n0 + tl.arange(0, BLOCK)
+        valid = n < end
+        offsets = cache + n[:, None] * stride_token + d[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+        n0 += BLOCK
+    part = (row * H + heads) * SPLITS + split
+    tl.store(m_ptr + part, m, mask=g < G)
+    tl.store(l_ptr + part, l, mask=g < G)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, SP: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    part = (row * H + head) * SPLITS + s
+    m = tl.load(m_ptr + part, mask=s < SPLITS, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=s < SPLITS, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty chunks have m = -inf: weight 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + row * stride_out + head * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def default_splits(rows: int, num_kv_heads: int, max_seq: int, block: int, device: torch.device) -> int:
+    """Enough chunks for ~2 programs per multiprocessor, never chunks shorter than a block."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, rows * num_kv_heads)))
+
+
+def decode_attention(q, k_cache, v_cache, slots, positions, num_heads: int, num_kv_heads: int,
+                     splits: int | None = None, block: int = 64) -> torch.Tensor:
+    """q [rows, H*D] (rotated, unit stride), caches [slots, max_seq, KV*D] -> [rows, H*D]."""
+    rows = q.shape[0]
+    d = q.shape[1] // num_heads
+    group = num_heads // num_kv_heads
+    assert q.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    splits = splits or default_splits(rows, num_kv_heads, k_cache.shape[1], block, q.device)
+    m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
+    out = torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
+    if not rows:
+        return out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must stay exact; bf16 ignores it
+    _split_kernel[(rows, num_kv_heads, splits)](
+        q, k_cache, v_cache, slots, positions, m, l, acc, q.stride(0), k_cache.stride(0), k_cache.stride(1),
+        1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
+        SPLITS=splits, BLOCK=block, PRECISION=precision, num_warps=4)
+    _merge_kernel[(rows, num_heads)](m, l, acc, out, out.stride(0), H=num_heads, D=d, SPLITS=splits,
+                                     SP=triton.next_power_of_2(splits), num_warps=2)
+    return out
