@@ -156,12 +156,17 @@ class Graph:
                    "matmul", "needs [m, k] @ [k, n]", a, b)
         return self._add("matmul", (a, b), (a.shape[0], b.shape[1]))
 
-    def linear(self, x: Node, weight: Node, bias: Node | None = None,
-               residual: Node | None = None) -> Node:
-        """x @ weight^T (+ bias) (+ residual); weight keeps the checkpoint layout [out, in]."""
+    def linear(self, x: Node, weight: Node, bias: Node | None = None, residual: Node | None = None,
+               norm: Node | None = None, eps: float = 0.0, gated: bool = False) -> Node:
+        """f(x) @ weight^T (+ bias) (+ residual); weight keeps the checkpoint layout [out, in].
+
+        f is the identity, or (fusions of what precedes a projection) RMSNorm with weight `norm`
+        [in] and `eps`, or with gated=True SwiGLU of x = [rows, 2*in] = gate|up: silu(gate) * up."""
         self._f32("linear", x, weight)
-        self._need(len(x.shape) == 2 and len(weight.shape) == 2 and x.shape[1] == weight.shape[1],
-                   "linear", "needs x [rows, in] and weight [out, in]", x, weight)
+        width = weight.shape[1] * (2 if gated else 1) if len(weight.shape) == 2 else -1
+        self._need(len(x.shape) == 2 and len(weight.shape) == 2 and x.shape[1] == width,
+                   "linear", "needs x [rows, in] (gated: [rows, 2*in]) and weight [out, in]", x, weight)
+        self._need(not (gated and norm is not None), "linear", "norm and gated are exclusive", x)
         out = (x.shape[0], weight.shape[0])
         operands = [x, weight]
         if bias is not None:
@@ -170,7 +175,11 @@ class Graph:
         if residual is not None:
             self._need(residual.shape == out, "linear", f"residual must be {list(out)}", residual)
             operands.append(residual)
-        return self._add("linear", operands, out, bias=bias is not None, residual=residual is not None)
+        if norm is not None:
+            self._need(norm.shape == (weight.shape[1],), "linear", f"norm must be [{weight.shape[1]}]", norm)
+            operands.append(norm)
+        return self._add("linear", operands, out, bias=bias is not None, residual=residual is not None,
+                         norm=norm is not None, eps=float(eps), gated=bool(gated))
 
     # ---- elementwise -------------------------------------------------------------------
     def add(self, a: Node, b: Node) -> Node:

@@ -5,8 +5,9 @@ demand per static shape and sharing one `Store` (weights once, one KV cache). Ou
 on the backend between stages: vision features go into the prefill without a host copy.
 
 On CUDA each decode step is a recorded CUDA graph: the batch is padded up to a bucket size
-(1, 2, 4, 8, ... num_slots) with rows that write to a scratch cache slot, so a handful of
-recordings serve every batch.
+(1, 2, 4, 8, ... num_slots) with copies of its last row (they write the same cache entry
+with the same values, and their logits are dropped), so a handful of recordings serve
+every batch.
 """
 
 from __future__ import annotations
@@ -81,14 +82,8 @@ class Runtime:
         self.store.states.clear()
 
     # ---- sessions ---------------------------------------------------------------------
-    @property
-    def _scratch_slot(self) -> int:
-        """The cache slot that padding rows of a recorded decode write to (never read)."""
-        return self.num_slots
-
     def build_text_graph(self, g: Graph, rows: int, logit_rows: int, image_tokens: int, mode: str = "any"):
-        slots = self.num_slots + (1 if self.record else 0)
-        return llama.build_text_step(g, self.spec.text, self.spec.names, rows, slots, self.max_seq,
+        return llama.build_text_step(g, self.spec.text, self.spec.names, rows, self.num_slots, self.max_seq,
                                      logit_rows, image_tokens, mode)
 
     def _session(self, key: tuple, build, record: bool = False) -> Session:
@@ -160,10 +155,8 @@ class Runtime:
     def _decode(self, token_ids, positions, slots):
         rows = len(token_ids)
         size = self._bucket(rows) if self.record else rows
-        if size > rows:  # padding rows: token 0 at position 0 of the scratch slot
-            pad = size - rows
-            token_ids, positions = np.pad(token_ids, (0, pad)), np.pad(positions, (0, pad))
-            slots = np.pad(slots, (0, pad), constant_values=self._scratch_slot)
+        if size > rows:  # padding rows repeat the last row
+            token_ids, positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (token_ids, positions, slots))
         s = self._session(("text", size, size, 0, "decode"),
                           lambda g: self.build_text_graph(g, size, size, 0, "decode"), record=self.record)
         self._feed(s, token_ids, positions, slots, np.arange(size))

@@ -146,6 +146,21 @@ def test_rule_merge_sibling_linears_with_and_without_bias():
     _compare(build, feeds, "merge_sibling_linears")
 
 
+def test_rule_rms_norm_into_linear():
+    def build(g):
+        x = g.input("x", [3, 8])
+        return g.linear(g.rms_norm(x, g.parameter("g", [8]), 1e-5), g.parameter("w", [5, 8]), residual=g.input("r", [3, 5]))
+    _compare(build, {"x": _r(3, 8), "g": _r(8), "w": _r(5, 8), "r": _r(3, 5)}, "fuse_rms_norm_into_linear")
+
+
+def test_rule_swiglu_into_linear_over_a_merged_gate_up():
+    def build(g):
+        x = g.input("x", [3, 8])
+        gate, up = g.linear(x, g.parameter("wg", [6, 8])), g.linear(x, g.parameter("wu", [6, 8]))
+        return g.add(x, g.linear(g.mul(g.silu(gate), up), g.parameter("wd", [8, 6])))
+    _compare(build, {"x": _r(3, 8), "wg": _r(6, 8), "wu": _r(6, 8), "wd": _r(8, 6)}, "fuse_swiglu_into_linear")
+
+
 @pytest.mark.parametrize("mode", ["any", "decode"])
 def test_rule_rope_into_cached_attention(mode):
     def build(g):

@@ -96,3 +96,25 @@ def test_decode_attention(heads, kv_heads, splits, dtype):
         node("cached_attention", num_heads=heads, num_kv_heads=kv_heads, rope_theta=None, mode="decode"),
         host(q), kh[slots, positions], vh[slots, positions], kh, vh, slots, positions)
     assert rel_err(host(out), expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("shape,norm,gated,residual", [
+    ((100, 96), False, False, False), ((130, 64), True, False, False), ((70, 80), False, True, True),
+    ((20, 300), True, False, True)])
+def test_gemv(rows, shape, norm, gated, residual, dtype):
+    from meganeura.kernels.gemv import gemv
+    n, k = shape
+    x = dev(rng.standard_normal((rows, 2 * k if gated else k)).astype(np.float32), dtype)
+    w = dev(rng.standard_normal((n, k)).astype(np.float32), dtype)
+    g = dev(rng.standard_normal(k).astype(np.float32), dtype) if norm else None
+    r = dev(rng.standard_normal((rows, n)).astype(np.float32), dtype) if residual else None
+    out = gemv(x, w, residual=r, norm=g, eps=1e-5, gated=gated)
+    h = host(x)
+    if gated:
+        h = h[:, :k] / (1 + np.exp(-h[:, :k])) * h[:, k:]
+    if norm:
+        h = ref.op_rms_norm(node("rms_norm", eps=1e-5), h, host(g))
+    expected = h @ host(w).T + (host(r) if residual else 0)
+    assert rel_err(host(out), expected) < TOL[dtype]

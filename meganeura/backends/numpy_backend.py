@@ -39,9 +39,19 @@ def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
 
 
 def op_linear(node, x, w, *extra):
+    a = node.attrs
+    rest = list(extra)  # bias [out], residual [rows, out], norm [in]: those present, in that order
+    bias = rest.pop(0) if a["bias"] else None
+    residual = rest.pop(0) if a["residual"] else None
+    if a["norm"]:
+        x = rms_norm(x, rest.pop(0), a["eps"])
+    if a["gated"]:
+        k = w.shape[1]
+        x = silu(x[:, :k]) * x[:, k:]
     out = x @ w.T
-    for e in extra:  # bias [out] and/or residual [rows, out], in that order
-        out = out + e
+    for e in (bias, residual):
+        if e is not None:
+            out = out + e
     return out
 
 
@@ -97,9 +107,13 @@ def op_layer_norm(node, x, w, b):
     return (x - mean) / np.sqrt(var + np.float32(node.attrs["eps"])) * w + b
 
 
-def op_rms_norm(node, x, w):
+def rms_norm(x, w, eps: float):
     ms = (x * x).mean(axis=-1, keepdims=True)
-    return w * (x / np.sqrt(ms + np.float32(node.attrs["eps"])))
+    return w * (x / np.sqrt(ms + np.float32(eps)))
+
+
+def op_rms_norm(node, x, w):
+    return rms_norm(x, w, node.attrs["eps"])
 
 
 def gelu_tanh(x):

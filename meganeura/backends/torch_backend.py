@@ -131,26 +131,37 @@ def _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads):
 
 
 def op_linear(node: Node, x, w, *extra):
-    if len(extra) == 0:
-        return x @ w.T
-    if len(extra) == 2:  # bias and residual
-        return torch.addmm(extra[1], x, w.T).add_(extra[0])
-    return torch.addmm(extra[0], x, w.T)  # bias broadcasts; so does a residual [rows, out]
+    a = node.attrs
+    rest = list(extra)  # bias, residual, norm: those present, in that order
+    bias = rest.pop(0) if a["bias"] else None
+    residual = rest.pop(0) if a["residual"] else None
+    norm = rest.pop(0) if a["norm"] else None
+    if _fast(x) and bias is None and x.stride(-1) == 1:
+        from ..kernels.gemv import MAX_ROWS, gemv
+        if x.shape[0] <= MAX_ROWS:
+            return gemv(x, w, residual, norm, a["eps"], a["gated"])
+    if norm is not None:
+        x = rms_norm(x, norm, a["eps"])
+    if a["gated"]:
+        x = swiglu(x[:, : w.shape[1]], x[:, w.shape[1]:])
+    out = x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+    # the residual is added to the rounded product, as transformers adds in the model's dtype
+    return out if residual is None else out.add_(residual)
 
 
-def op_rms_norm(node: Node, x, w):
+def rms_norm(x, w, eps: float):
     if _fast(x) and x.stride(-1) == 1:
-        from ..kernels.rms_norm import rms_norm
-        return rms_norm(x, w, node.attrs["eps"])
+        from ..kernels.rms_norm import rms_norm as kernel
+        return kernel(x, w, eps)
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + node.attrs["eps"])
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * y.to(x.dtype)  # rounded before the weight, as transformers does
 
 
-def op_swiglu(node: Node, g, u):
+def swiglu(g, u):
     if _fast(g) and g.stride(-1) == 1 and u.stride(-1) == 1:
-        from ..kernels.swiglu import swiglu
-        return swiglu(g, u)
+        from ..kernels.swiglu import swiglu as kernel
+        return kernel(g, u)
     return F.silu(g) * u
 
 
@@ -186,9 +197,9 @@ OPS = {
     "bias_add": lambda n, x, b: x + b,
     "gelu": lambda n, x: F.gelu(x, approximate="tanh"),
     "silu": lambda n, x: F.silu(x),
-    "swiglu": op_swiglu,
+    "swiglu": lambda n, g, u: swiglu(g, u),
     "layer_norm": op_layer_norm,
-    "rms_norm": op_rms_norm,
+    "rms_norm": lambda n, x, w: rms_norm(x, w, n.attrs["eps"]),
     "rope": op_rope,
     "attention": op_attention,
     "cached_attention": op_cached_attention,

@@ -15,7 +15,7 @@ def optimize(graph: Graph, fuse: bool = True) -> tuple[Graph, PassReport]:
     if fuse:
         for rules in FUSION_RULES:
             apply_rules(g, rules, report)
-    dead_code_elimination(g, report)
+            dead_code_elimination(g, report)  # replaced nodes must not count as consumers next stage
     return g, report
 
 

@@ -14,7 +14,19 @@ from .core import PassReport, consumers, substitute
 
 
 def _plain_linear(n: Node) -> bool:
-    return n.op == "linear" and not n.attrs["bias"] and not n.attrs["residual"]
+    return n.op == "linear" and not any(n.attrs[k] for k in ("bias", "residual", "norm", "gated"))
+
+
+def linear_operands(n: Node) -> dict:
+    """The optional operands of a linear node by name: bias, residual, norm (None if absent)."""
+    rest = iter(n.inputs[2:])
+    return {k: next(rest) if n.attrs[k] else None for k in ("bias", "residual", "norm")}
+
+
+def _relink(g: Graph, n: Node, x: Node, **changes) -> Node:
+    """A copy of linear node n reading x, with some attributes or operands changed."""
+    kw = {**linear_operands(n), "eps": n.attrs["eps"], "gated": n.attrs["gated"], **changes}
+    return g.linear(x, n.inputs[1], **kw)
 
 
 def fuse_bias_into_linear(g: Graph, n: Node, uses) -> Node | None:
@@ -33,8 +45,7 @@ def fuse_residual_into_linear(g: Graph, n: Node, uses) -> Node | None:
         return None
     for lin, other in (n.inputs, reversed(n.inputs)):
         if lin.op == "linear" and not lin.attrs["residual"] and uses[lin] == 1:
-            bias = lin.inputs[2] if lin.attrs["bias"] else None
-            return g.linear(lin.inputs[0], lin.inputs[1], bias=bias, residual=other)
+            return _relink(g, lin, lin.inputs[0], residual=other)
     return None
 
 
@@ -64,6 +75,35 @@ def fuse_rope_into_cached_attention(g: Graph, n: Node, uses) -> Node | None:
                               a["num_kv_heads"], mode=a["mode"], rope_theta=q.attrs["theta"])
 
 
+def fuse_rms_norm_into_linear(g: Graph, n: Node, uses) -> Node | None:
+    """linear(rms_norm(x, w), W) -> linear(x, W, norm=w): a decode step's skinny product
+    recomputes the norm of its few rows instead of a kernel writing them out."""
+    if n.op != "linear" or n.attrs["norm"] or n.attrs["gated"]:
+        return None
+    x = n.inputs[0]
+    if x.op != "rms_norm" or uses[x] != 1:
+        return None
+    return _relink(g, n, x.inputs[0], norm=x.inputs[1], eps=x.attrs["eps"])
+
+
+def fuse_swiglu_into_linear(g: Graph, n: Node, uses) -> Node | None:
+    """linear(swiglu(m[:, :k], m[:, k:]), W) -> linear(m, W, gated=True) for the two halves of a
+    merged gate|up projection m."""
+    if n.op != "linear" or n.attrs["norm"] or n.attrs["gated"]:
+        return None
+    s = n.inputs[0]
+    if s.op != "swiglu" or uses[s] != 1:
+        return None
+    gate, up = s.inputs
+    if not (gate.op == up.op == "slice" and gate.inputs[0] is up.inputs[0]):
+        return None
+    merged, k = gate.inputs[0], gate.shape[1]
+    halves = [(x.attrs["axis"], x.attrs["start"], x.attrs["stop"]) for x in (gate, up)]
+    if halves != [(1, 0, k), (1, k, 2 * k)] or merged.shape[1] != 2 * k:
+        return None
+    return _relink(g, n, merged, gated=True)
+
+
 def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
     """Linears that read the same x with parameter weights (q|k|v, gate|up) become one linear
     over the concatenated weight, followed by column slices. The concatenation depends on
@@ -91,7 +131,8 @@ def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
 
 
 def _merge_candidate(n: Node) -> bool:
-    return (n.op == "linear" and not n.attrs["residual"] and n.inputs[1].op == "parameter"
+    return (n.op == "linear" and not any(n.attrs[k] for k in ("residual", "norm", "gated"))
+            and n.inputs[1].op == "parameter"
             and (not n.attrs["bias"] or n.inputs[2].op == "parameter"))
 
 
@@ -114,4 +155,5 @@ FUSION_RULES = [
     [fuse_bias_into_linear],
     [merge_sibling_linears],
     [fuse_residual_into_linear, fuse_swiglu, fuse_rope_into_cached_attention],
+    [fuse_rms_norm_into_linear, fuse_swiglu_into_linear],
 ]

@@ -1,0 +1,75 @@
+"""Where the GPU time goes: per-kernel totals (torch.profiler) for one vision run (13 tiles),
+one prefill (~875 tokens) and one decode step, plus recorded-replay vs whole-step timings.
+SmolVLM2-500M shapes, random weights, bf16. Guides the next optimization; see docs/perf.md.
+
+    python bench/profile_gpu.py
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from meganeura.models.smolvlm2 import NAMES, SmolVLM2Config
+from meganeura.runtime import ModelSpec, Runtime
+from meganeura.session import CompileOptions
+
+cfg = SmolVLM2Config.smolvlm2_500m()
+spec = ModelSpec(cfg.text, NAMES, cfg)
+rng = np.random.default_rng(0)
+weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in Runtime(spec).expected_parameters().items()}
+rt = Runtime(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"))
+rt.load_weights(weights)
+rt.reserve(1, 1024)
+pixels = torch.from_numpy(rng.uniform(-1, 1, (13, 3, 512, 512)).astype(np.float32)).cuda()
+ids = np.concatenate([[1, 2, 3], [49190] * 832, rng.integers(100, 40000, 40)])
+n, image_rows = len(ids), np.flatnonzero(ids == 49190)
+
+
+def prefill():
+    return rt.step(ids, np.arange(n), np.zeros(n), [n - 1], rt.encode_images(pixels), image_rows)
+
+
+def step(i):
+    return rt.step([5], [n + i], [0], [0]).argmax(-1).cpu()
+
+
+def profiled(name, fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n==== {name} (x{reps}) ====")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def wall(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+print(f"vision wall {wall(lambda: rt.encode_images(pixels)) * 1e3:.2f} ms; "
+      f"prefill+vision wall {wall(prefill) * 1e3:.2f} ms")
+prefill()
+print(f"decode step wall {wall(lambda: step(0), 100) * 1e3:.3f} ms")
+s = rt._sessions[("text", 1, 1, 0, "decode")]
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+for _ in range(100):
+    s._replay()
+end.record()
+torch.cuda.synchronize()
+print(f"decode replay only (GPU) {start.elapsed_time(end) / 100:.3f} ms")
+profiled("vision", lambda: rt.encode_images(pixels))
+profiled("prefill (text part)", lambda: rt.step(ids, np.arange(n), np.zeros(n), [n - 1], rt.encode_images(pixels), image_rows))
+s.capture = False  # eager decode: one entry per kernel
+s._replay = None
+profiled("decode step (eager)", lambda: step(0), reps=5)

@@ -1,0 +1,83 @@
+"""Skinny matrix products for decode (a few rows): out = f(x) @ w^T (+ residual), one pass
+over the weight with the layer's small neighbours folded in.
+
+- NORM: f(x) = RMSNorm(x) * norm_weight, recomputed per program from the row (a few KB)
+  instead of a separate kernel writing it out;
+- GATED: x is [rows, 2K] = gate|up and f(x) = silu(gate) * up (SwiGLU);
+- RESIDUAL: the result is added to `residual` (rounded first, as transformers adds in bf16).
+
+cuBLAS picks tiles for big products; for one to four rows the work is reading the weight
+once, so each program streams a [BN, K] stripe of it (BN small, many programs in flight).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 4  # above this cuBLAS (plus the separate norm/SwiGLU kernels) is as fast
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, stride_w, stride_out, stride_res, eps,
+                 K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.arange(0, BM)
+    row_ok = rows < M
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < N
+    dtype = out_ptr.dtype.element_ty
+    x_rows = x_ptr + rows[:, None] * stride_x
+    if NORM:
+        squares = tl.zeros([BM], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            xv = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(xv * xv, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mask = row_ok[:, None] & (k < K)[None, :]
+        if GATED:  # rounding points as transformers: silu(gate) in the activation dtype, then * up
+            gate = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            xv = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+        else:
+            xv = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            if NORM:  # normalized row rounded, times the weight rounded, as transformers' RMSNorm
+                g = tl.load(norm_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                xv = ((xv * rstd[:, None]).to(dtype).to(tl.float32) * g[None, :]).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+    out = acc.to(dtype)
+    out_mask = row_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        r = tl.load(res_ptr + rows[:, None] * stride_res + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + r).to(dtype)
+    tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], out, mask=out_mask)
+
+
+def tiles(n: int, k: int) -> tuple[int, int, int]:
+    """(BN, BK, warps): narrow stripes so that even N ~ 1,000 gives a few programs per SM."""
+    bn = 4 if n <= 2048 else 16 if n <= 8192 else 32
+    bk = max(64, min(triton.next_power_of_2(k), 2048 // bn))
+    return bn, bk, 4
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+         eps: float = 0.0, gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M <= MAX_ROWS, K] (or [M, 2K] gate|up when gated), w [N, K] -> [M, N]."""
+    m = x.shape[0]
+    n, k = w.shape
+    assert m <= MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
+    out = torch.empty((m, n), dtype=w.dtype, device=w.device)
+    bn, bk, warps = config or tiles(n, k)
+    res = residual if residual is not None else out
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, w, out, res, norm if norm is not None else w, m, n, x.stride(0), w.stride(0), out.stride(0),
+        res.stride(0), eps, K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+        BM=triton.next_power_of_2(m), BN=bn, BK=bk, num_warps=warps)
+    return out
