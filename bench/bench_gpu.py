@@ -12,6 +12,7 @@ peak memory for one sequence at 8,192 tokens (measured in a child process of its
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -130,6 +131,7 @@ def main() -> None:
 
     hf = hf_model()
     weights = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    hf32 = copy.deepcopy(hf).to("cuda")  # the fp32 reference: how far is each bf16 engine from it?
     hf = hf.to("cuda", torch.bfloat16)
     cfg = SmolVLM2Config.from_hf(hf.config.to_dict())
     assert cfg == SmolVLM2Config.smolvlm2_500m(), cfg
@@ -157,6 +159,11 @@ def main() -> None:
         mine = prefill(rt, ids, 0, rt.encode_images(pixels), image_rows)[0].float()
         notes["bf16_last_logit_rel_err"] = float((mine - ref).norm() / ref.norm())
         notes["bf16_last_logit_max_rel_err"] = float((mine - ref).abs().max() / ref.abs().max())
+        torch.backends.cudnn.allow_tf32 = False
+        ref32 = hf32(input_ids=x_ids, pixel_values=pixels[None], logits_to_keep=1).logits[0, -1].float()
+        for who, value in (("meganeura_bf16", mine), ("transformers_bf16", ref)):
+            notes[f"{who}_vs_fp32_max_rel_err"] = float((value - ref32).abs().max() / ref32.abs().max())
+        del hf32
         text = rng.integers(100, 40000, 40)
         gen = hf.generate(input_ids=torch.from_numpy(text)[None].cuda(), max_new_tokens=64, min_new_tokens=64,
                           do_sample=False, output_scores=True, return_dict_in_generate=True)

@@ -140,6 +140,7 @@ class Session:
         self.capture = capture and getattr(self.backend, "can_capture", False)
         self._replay = None
         self._recorded_version = None
+        self._checked_version = None
 
     # ---- feeding ------------------------------------------------------------------
     def set_parameter(self, name: str, array) -> None:
@@ -178,10 +179,9 @@ class Session:
             env[node] = value
 
     def run(self) -> None:
-        missing = self.missing_parameters()
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise SessionError(f"{len(missing)} parameter(s) never set: {shown}")
+        if self._checked_version != self.store.version:  # parameters only change between loads
+            self._check_parameters()
+            self._checked_version = self.store.version
         unset = [n for n in self.plan.inputs if n in self.plan.required and n not in self._inputs]
         if unset:
             raise SessionError(f"input(s) never set: {', '.join(unset)}")
@@ -192,6 +192,12 @@ class Session:
             self._replay = self.backend.capture(self._execute)  # after a warm-up run: kernels, states
             self._recorded_version = self.store.version
         self._replay()
+
+    def _check_parameters(self) -> None:
+        missing = self.missing_parameters()
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise SessionError(f"{len(missing)} parameter(s) never set: {shown}")
 
     def _execute(self) -> None:
         env: dict[Node, object] = {}

@@ -224,6 +224,7 @@ class TorchBackend:
         self.dtype = DTYPES[options.dtype]
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
+        self._staging: dict[int, tuple] = {}  # id(device buffer) -> (pinned buffer, copy event)
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
@@ -244,10 +245,22 @@ class TorchBackend:
         return self.device.type == "cuda"
 
     def write(self, dst: torch.Tensor, array, dtype: str) -> None:
-        """Copy a host array into an existing device buffer (the inputs of a recorded run)."""
+        """Copy a host array into an existing device buffer (the inputs of a recorded run):
+        through a pinned staging buffer, without waiting for the GPU."""
         src = array if isinstance(array, torch.Tensor) else torch.from_numpy(
             np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array))
-        dst.copy_(src)
+        if not dst.is_cuda:
+            dst.copy_(src)
+            return
+        staged = self._staging.get(id(dst))
+        if staged is None:
+            staged = self._staging[id(dst)] = (torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True),
+                                               torch.cuda.Event())
+        buffer, copied = staged
+        copied.synchronize()  # the previous copy out of this staging buffer is done
+        buffer.copy_(src)
+        dst.copy_(buffer, non_blocking=True)
+        copied.record()
 
     def capture(self, fn):
         """Record fn's kernels as one CUDA graph; returns the replay callable. Replays are

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4  # above this cuBLAS (plus the separate norm/SwiGLU kernels) is as fast
+MAX_ROWS = 1  # measured (bench/tune_gemv.py, H100): at 4 rows cuBLAS + separate kernels win
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
             xv = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(xv * xv, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc = tl.zeros([BM, BN, BK], tl.float32)  # reduced once at the end, not per step
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         mask = row_ok[:, None] & (k < K)[None, :]
@@ -51,8 +51,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
                 xv = ((xv * rstd[:, None]).to(dtype).to(tl.float32) * g[None, :]).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
-    out = acc.to(dtype)
+        acc += xv[:, None, :] * w[None, :, :]
+    out = tl.sum(acc, axis=2).to(dtype)
     out_mask = row_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         r = tl.load(res_ptr + rows[:, None] * stride_res + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
@@ -60,24 +60,24 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
     tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], out, mask=out_mask)
 
 
-def tiles(n: int, k: int) -> tuple[int, int, int]:
-    """(BN, BK, warps): narrow stripes so that even N ~ 1,000 gives a few programs per SM."""
-    bn = 4 if n <= 2048 else 16 if n <= 8192 else 32
-    bk = max(64, min(triton.next_power_of_2(k), 2048 // bn))
-    return bn, bk, 4
+def tiles(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages), from bench/tune_gemv.py on an H100 (docs/perf.md): two-row stripes for
+    the layer products (N ~ 1,000-5,000: hundreds of programs), eight for the vocabulary."""
+    bk = min(512, triton.next_power_of_2(k))
+    return (2 if n <= 8192 else 8), bk, (4 if n <= 2048 else 2), 3
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-         eps: float = 0.0, gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] (or [M, 2K] gate|up when gated), w [N, K] -> [M, N]."""
+         eps: float = 0.0, gated: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (or [M, 2K] gate|up when gated), w [N, K] -> [M, N]; meant for M <= MAX_ROWS."""
     m = x.shape[0]
     n, k = w.shape
-    assert m <= MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
+    assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
     out = torch.empty((m, n), dtype=w.dtype, device=w.device)
-    bn, bk, warps = config or tiles(n, k)
+    bn, bk, warps, stages = config or tiles(n, k)
     res = residual if residual is not None else out
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, out, res, norm if norm is not None else w, m, n, x.stride(0), w.stride(0), out.stride(0),
         res.stride(0), eps, K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
-        BM=triton.next_power_of_2(m), BN=bn, BK=bk, num_warps=warps)
+        BM=triton.next_power_of_2(m), BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return out
