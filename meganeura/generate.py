@@ -1,13 +1,17 @@
 """Model-agnostic generation: prefill once, then one decode step per token, with sampling,
 stop tokens, stop strings and streaming text that never splits a character.
 
-Works on any `Runtime`: sequences are prefilled one by one into their own cache slots and
-then decoded together, one batched step per token.
+Works on any `Runtime`: a `Scheduler` prefills sequences one by one into their own cache
+slots and decodes all running ones together, one batched step per token; sequences join and
+leave between steps (continuous batching). `generate_stream` (the Python API) and the server's
+engine loop both drive it.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -37,7 +41,7 @@ class GenerationConfig:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str                # "stop" (end token or stop string) or "length"
+    finish_reason: str                # "stop" (end token or stop string), "length", "cancelled" or "error"
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
 
@@ -117,80 +121,193 @@ class TextStream:
         return piece
 
 
-class _Sequence:
-    def __init__(self, slot, prompt, cfg, decode):
-        self.slot, self.prompt, self.cfg = slot, prompt, cfg
+class Sequence:
+    """One answer being generated: its prompt, settings, cache slot and text so far."""
+
+    def __init__(self, prompt: Prompt, cfg: GenerationConfig, decode: Callable[[list[int]], str]) -> None:
+        self.prompt, self.cfg = prompt, cfg
         self.stream = TextStream(decode, cfg.stop)
         self.rng = np.random.default_rng(cfg.seed)
-        self.position = len(prompt.token_ids)
-        self.finish_reason = None
-        self.pieces: list[str] = []
+        self.slot: int | None = None
+        self.position = len(prompt.token_ids)   # where the next token goes in the cache
+        self.finish_reason: str | None = None   # "stop", "length", "cancelled" or "error"
+        self.error: Exception | None = None
+        self.decode_steps = 0                   # tokens that came from decode steps (the first comes from prefill)
+        self.prefill_s = self.decode_s = 0.0
+        self._decode_start: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.stream.tokens
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.stream.text(), token_ids=list(self.tokens), finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt.token_ids),
+            timings={"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": len(self.tokens),
+                     "tokens_per_s": self.decode_steps / self.decode_s if self.decode_steps else 0.0})
+
+
+def choose_tokens(runtime, logits, sequences: list[Sequence], rows: list[int]) -> list[int]:
+    """The next token of each sequence, from row rows[i] of one step's backend logits.
+
+    The one place where a step's logits become tokens (host-side now; a GPU sampler can
+    replace it without touching the scheduler)."""
+    picked = logits[rows]
+    if getattr(runtime.backend, "samples_on_device", False):
+        return runtime.backend.choose_tokens(picked, sequences)
+    host = runtime.to_host(picked)
+    tokens = []
+    for seq, x in zip(sequences, host):
+        # the history only matters to the repetition penalty: don't rebuild it per token otherwise
+        history = list(seq.prompt.token_ids) + seq.tokens if seq.cfg.repetition_penalty != 1.0 else ()
+        tokens.append(sample(x, seq.cfg, seq.rng, history))
+    return tokens
+
+
+class Scheduler:
+    """Continuous batching over one runtime's cache slots: sequences join between decode
+    steps and leave when finished or cancelled.
+
+    Each `step()` prefills waiting sequences into free slots (one sequence per prefill), then
+    runs one decode step for all running sequences. Both shapes are fixed per sequence, never
+    per batch, so a greedy answer is the same whoever runs beside it:
+    - a prefill is padded to a multiple of `prefill_bucket` rows (which also bounds how many
+      plans get compiled); the padding rows write cache positions that decoding overwrites
+      before anything reads them;
+    - a decode step always has one row per slot, row i for slot i; idle slots get a dummy row
+      at position 0 of their own (unused) slot.
+    It uses the first `slots` cache slots (default: all). The runtime's cache must not be
+    re-reserved while a scheduler over it is running.
+    """
+
+    def __init__(self, runtime, eos_ids: set[int], decode: Callable[[list[int]], str], slots: int | None = None,
+                 prefill_bucket: int = 32):
+        if slots is not None and not 0 < slots <= runtime.num_slots:
+            raise ValueError(f"{slots} slots asked for, the runtime's cache has {runtime.num_slots}")
+        self.runtime, self.eos_ids, self.decode, self.bucket = runtime, eos_ids, decode, prefill_bucket
+        self.width = slots or runtime.num_slots
+        self.free = list(range(self.width))      # a heap: the lowest free slot goes first
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}   # slot -> sequence
+        self.last_decode_batch = 0               # sequences in the last decode step (for metrics)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    @property
+    def free_slots(self) -> int:
+        """Slots that no running or waiting sequence will take."""
+        return len(self.free) - len(self.waiting)
+
+    def add(self, prompt: Prompt, cfg: GenerationConfig) -> Sequence:
+        n = len(prompt.token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + cfg.max_new_tokens > self.runtime.max_seq:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                             f"context of {self.runtime.max_seq} tokens")
+        seq = Sequence(prompt, cfg, self.decode)
+        if cfg.max_new_tokens == 0:
+            seq.finish_reason = "length"
+        else:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now; its slot is free for the next step."""
+        if seq.finish_reason is not None:
+            return
+        if seq.slot is None:
+            self.waiting.remove(seq)
+        else:
+            self._release(seq)
+        seq.finish_reason = "cancelled"
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Admit, then decode once. Returns (sequence, new text) for every sequence that moved;
+        a sequence has finished when its `finish_reason` is set."""
+        events = []
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self.free)
+            self.running[seq.slot] = seq
+            t0 = time.perf_counter()
+            try:
+                logits = self._prefill(seq)
+            except Exception as e:  # e.g. image features that don't fit: fail this sequence alone
+                seq.error = e
+                events.append((seq, self._finish(seq, "error")))
+                continue
+            [token] = choose_tokens(self.runtime, logits, [seq], [0])
+            seq._decode_start = time.perf_counter()
+            seq.prefill_s = seq._decode_start - t0
+            events.append((seq, self._advance(seq, token)))
+        self.last_decode_batch = len(self.running)
+        if self.running:
+            seqs = list(self.running.values())
+            tokens = choose_tokens(self.runtime, self._decode_step(), seqs, [s.slot for s in seqs])
+            for seq, token in zip(seqs, tokens):
+                seq.position += 1
+                seq.decode_steps += 1
+                events.append((seq, self._advance(seq, token)))
+        return events
+
+    def _prefill(self, seq: Sequence):
+        p = seq.prompt
+        n = len(p.token_ids)
+        rows = min(-(-n // self.bucket) * self.bucket, self.runtime.max_seq)
+        ids = np.zeros(rows, dtype=np.int64)
+        ids[:n] = p.token_ids
+        return self.runtime.step(ids, np.arange(rows), np.full(rows, seq.slot), [n - 1], p.image_features,
+                                 p.image_rows)
+
+    def _decode_step(self):
+        tokens = np.zeros(self.width, dtype=np.int64)
+        positions = np.zeros(self.width, dtype=np.int64)
+        for slot, seq in self.running.items():
+            tokens[slot], positions[slot] = seq.tokens[-1], seq.position
+        slots = np.arange(self.width)
+        return self.runtime.step(tokens, positions, slots, slots)
+
+    def _advance(self, seq: Sequence, token: int) -> str:
+        if token in self.eos_ids and not seq.cfg.ignore_eos:
+            return self._finish(seq, "stop")
+        piece = seq.stream.push(token)
+        if seq.stream.stopped:
+            return piece + self._finish(seq, "stop")
+        if len(seq.tokens) >= seq.cfg.max_new_tokens:
+            return piece + self._finish(seq, "length")
+        return piece
+
+    def _finish(self, seq: Sequence, reason: str) -> str:
+        seq.finish_reason = reason
+        self._release(seq)
+        if seq._decode_start is not None:
+            seq.decode_s = time.perf_counter() - seq._decode_start
+        return seq.stream.flush() if reason != "error" else ""
+
+    def _release(self, seq: Sequence) -> None:
+        del self.running[seq.slot]
+        heapq.heappush(self.free, seq.slot)
 
 
 def generate_stream(runtime, prompts: list[Prompt], cfg: GenerationConfig, eos_ids: set[int],
                     decode: Callable[[list[int]], str]) -> Iterator[tuple[int, str]]:
-    """Yield (sequence index, text piece) as tokens arrive; returns the results via StopIteration."""
-    if len(prompts) > runtime.num_slots:
-        raise ValueError(f"{len(prompts)} sequences but the runtime has {runtime.num_slots} cache slots")
-    seqs = [_Sequence(i, p, cfg, decode) for i, p in enumerate(prompts)]
-    for s in seqs:
-        if s.position + cfg.max_new_tokens > runtime.max_seq:
-            raise ValueError(f"prompt of {s.position} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                             f"context of {runtime.max_seq} tokens")
-    t0 = time.perf_counter()
-    next_logits = []
-    for s in seqs:
-        n = s.position
-        logits = runtime.step(s.prompt.token_ids, np.arange(n), np.full(n, s.slot), [n - 1],
-                              s.prompt.image_features, s.prompt.image_rows)
-        next_logits.append(runtime.to_host(logits)[0])
-    t1 = time.perf_counter()
-    active = [s for s in seqs if cfg.max_new_tokens > 0]
-    for s in seqs:
-        if cfg.max_new_tokens == 0:
-            s.finish_reason = "length"
-    rows = dict(zip(range(len(seqs)), next_logits))
-    decoded = 0  # tokens produced by decode steps, over all sequences
-    while active:
-        still = []
-        for s in active:
-            # the history only matters to the repetition penalty: don't rebuild it per token otherwise
-            history = list(s.prompt.token_ids) + s.stream.tokens if cfg.repetition_penalty != 1.0 else ()
-            token = sample(rows[s.slot], cfg, s.rng, history)
-            if token in eos_ids and not cfg.ignore_eos:
-                s.finish_reason = "stop"
-            else:
-                piece = s.stream.push(token)
-                if piece:
-                    yield s.slot, piece
-                if s.stream.stopped:
-                    s.finish_reason = "stop"
-                elif len(s.stream.tokens) >= cfg.max_new_tokens:
-                    s.finish_reason = "length"
-                else:
-                    still.append(s)
-        active = still
-        if not active:
-            break
-        logits = runtime.to_host(runtime.step([s.stream.tokens[-1] for s in active], [s.position for s in active],
-                                              [s.slot for s in active], list(range(len(active)))))
-        decoded += len(active)
-        for i, s in enumerate(active):
-            s.position += 1
-            rows[s.slot] = logits[i]
-    t2 = time.perf_counter()
-    results = []
-    for s in seqs:
-        tail = s.stream.flush()
-        if tail:
-            yield s.slot, tail
-        new = len(s.stream.tokens)
-        results.append(GenerationResult(
-            text=s.stream.text(), token_ids=list(s.stream.tokens), finish_reason=s.finish_reason,
-            prompt_tokens=len(s.prompt.token_ids),
-            timings={"prefill_s": t1 - t0, "decode_s": t2 - t1,
-                     "tokens_per_s": decoded / (t2 - t1) if decoded else 0.0, "new_tokens": new}))
-    return results
+    """Yield (sequence index, text piece) as tokens arrive; returns the results via StopIteration.
+
+    More prompts than cache slots is fine: the rest wait and join as slots free up."""
+    scheduler = Scheduler(runtime, eos_ids, decode)
+    seqs = [scheduler.add(p, cfg) for p in prompts]  # length errors before any model work
+    index = {seq: i for i, seq in enumerate(seqs)}
+    while not scheduler.idle:
+        for seq, piece in scheduler.step():
+            if seq.error is not None:
+                raise seq.error
+            if piece:
+                yield index[seq], piece
+    return [s.result() for s in seqs]
 
 
 def drain(gen) -> list[GenerationResult]:

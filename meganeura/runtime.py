@@ -21,6 +21,8 @@ from .graph import Graph
 from .models import llama
 from .models.smolvlm2 import SmolVLM2Config, build_vision_graph, vision_inputs
 from .session import CompileOptions, Session, Store, make_backend
+
+PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
 from .weights import check_tensors
 
 
@@ -50,6 +52,7 @@ class Runtime:
         self.record = getattr(self.backend, "can_capture", False)
         self._sessions: dict[tuple, Session] = {}
         self._new_session: Session | None = None
+        self._packed: dict[Session, object] = {}  # a text session's packed index inputs
 
     # ---- weights ----------------------------------------------------------------------
     def expected_parameters(self) -> dict:
@@ -79,6 +82,7 @@ class Runtime:
         self.num_slots = max(slots, self.num_slots)
         self.max_seq = min(limit, max(self.max_seq, -(-tokens // 256) * 256))
         self._sessions = {k: s for k, s in self._sessions.items() if k[0] != "text"}
+        self._packed.clear()
         self.store.states.clear()
 
     # ---- sessions ---------------------------------------------------------------------
@@ -123,7 +127,8 @@ class Runtime:
         parts = []
         for start in range(0, n, self.vision_batch):
             count = min(self.vision_batch, n - start)
-            s = self._session(("vision", count, h, w, padded), lambda g: build_vision_graph(g, vlm, count, (h, w), padded))
+            s = self._session(("vision", count, h, w, padded), lambda g: build_vision_graph(g, vlm, count, (h, w), padded),
+                              self.record)
             mask = pixel_attention_mask[start:start + count] if padded else None
             for name, value in vision_inputs(vlm, pixel_values[start:start + count], mask).items():
                 s.set_input(name, value)
@@ -138,12 +143,18 @@ class Runtime:
         A prefill is one sequence's rows at positions 0..n-1; a decode is one row per sequence,
         each in its own slot, with every row's logits; anything else runs the general path."""
         token_ids, positions, slots = (np.asarray(a, dtype=np.int64) for a in (token_ids, positions, slots))
+        self._check_indices(token_ids, positions, slots, logit_rows)
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
         if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:
             return self._decode(token_ids, positions, slots)
         mode = "prefill" if (slots == slots[0]).all() and np.array_equal(positions, np.arange(rows)) else "any"
-        s = self._session(("text", rows, k, m, mode), lambda g: self.build_text_graph(g, rows, k, m, mode))
+        record = self.record and mode == "prefill"
+        if record:  # pad to a multiple of PREFILL_ROWS: one recording serves many prompt lengths
+            rows = min(-(-rows // PREFILL_ROWS) * PREFILL_ROWS, self.max_seq)
+            token_ids = np.pad(token_ids, (0, rows - len(token_ids)))
+            positions, slots = np.arange(rows), np.full(rows, slots[0])
+        s = self._session(("text", rows, k, m, mode), lambda g: self.build_text_graph(g, rows, k, m, mode), record)
         self._feed(s, token_ids, positions, slots, logit_rows)
         if m:
             s.set_input("image_features", image_features)
@@ -151,6 +162,19 @@ class Runtime:
         s.run()
         self._after_run(s)
         return s.output()
+
+    def _check_indices(self, token_ids, positions, slots, logit_rows) -> None:
+        """Out-of-range indices would read or write outside a GPU buffer: refuse them here."""
+        rows = len(token_ids)
+        if not len(positions) == len(slots) == rows:
+            raise ValueError(f"step: {rows} token ids but {len(positions)} positions and {len(slots)} slots")
+        for what, values, limit in (("token id", token_ids, self.spec.text.vocab_size),
+                                    ("position", positions, self.max_seq), ("slot", slots, self.num_slots),
+                                    ("logit row", np.asarray(logit_rows), rows)):
+            if len(values) and (values.min() < 0 or values.max() >= limit):
+                bad = values[(values < 0) | (values >= limit)][0]
+                hint = " (reserve() a larger cache)" if what in ("position", "slot") else ""
+                raise ValueError(f"step: {what} {bad} is outside [0, {limit}){hint}")
 
     def _decode(self, token_ids, positions, slots):
         rows = len(token_ids)
@@ -165,11 +189,18 @@ class Runtime:
         out = s.output()
         return out[:rows] if size > rows else out
 
-    @staticmethod
-    def _feed(s: Session, token_ids, positions, slots, logit_rows) -> None:
-        for name, value in (("token_ids", token_ids), ("positions", positions), ("slots", slots),
-                            ("logit_rows", logit_rows)):
-            s.set_input(name, np.asarray(value, dtype=np.uint32))
+    def _feed(self, s: Session, token_ids, positions, slots, logit_rows) -> None:
+        """The four index inputs travel as one packed array: one host-to-device copy a step."""
+        host = np.concatenate([token_ids, positions, slots, logit_rows]).astype(np.int64)
+        if s not in self._packed:
+            packed = self._packed[s] = self.backend.from_host(host, "u32")
+            start = 0
+            for name, count in (("token_ids", len(token_ids)), ("positions", len(positions)), ("slots", len(slots)),
+                                ("logit_rows", len(logit_rows))):
+                s.bind_input(name, packed[start:start + count])
+                start += count
+            return
+        self.backend.write(self._packed[s], host, "u32")
 
     def to_host(self, value) -> np.ndarray:
         return self.backend.to_host(value)

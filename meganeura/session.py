@@ -159,6 +159,16 @@ class Session:
         else:
             self._inputs[name] = self.backend.from_host(array, node.dtype)
 
+    def bind_input(self, name: str, value) -> None:
+        """Make a backend array (e.g. a view of a packed buffer the caller refills) the input's
+        storage: runs, recorded ones included, read it in place."""
+        node = self.plan.inputs.get(name)
+        if node is None:
+            raise _unknown("input", name, self.plan.inputs)
+        if tuple(value.shape) != node.shape:
+            raise SessionError(f"input {name!r}: expected shape {list(node.shape)}, got {_describe(value)}")
+        self._inputs[name] = value
+
     def missing_parameters(self) -> list[str]:
         return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.sources]
 

@@ -190,3 +190,14 @@ def test_checkpoint_mismatch_lists_names(vlm):
     for part in ("tiny.safetensors", "missing (1):\n    model.connector.modality_projection.proj.weight",
                  "unexpected (1):\n    model.extra.weight", "lm_head.weight: expected float[300, 64], found float32[3, 3]"):
         assert part in msg
+
+
+def test_runtime_refuses_out_of_range_indices(lm):
+    rt = Runtime(llama_spec(lm), CompileOptions(backend="numpy"))
+    rt.load_weights(state_dict(lm))
+    with pytest.raises(ValueError, match=r"token id 300 is outside \[0, 300\)"):
+        rt.step([1, 300], [0, 1], [0, 0], [1])
+    with pytest.raises(ValueError, match=r"position 256 is outside \[0, 256\) \(reserve\(\) a larger cache\)"):
+        rt.step([1], [256], [0], [0])
+    with pytest.raises(ValueError, match=r"2 token ids but 1 positions and 2 slots"):
+        rt.step([1, 2], [0], [0, 0], [1])

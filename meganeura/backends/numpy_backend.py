@@ -191,6 +191,9 @@ class NumpyBackend:
     def to_host(self, value) -> np.ndarray:
         return np.asarray(value)
 
+    def write(self, dst: np.ndarray, array, dtype: str) -> None:
+        dst[...] = array
+
     def concat(self, parts: list) -> np.ndarray:
         return np.concatenate(parts)
 

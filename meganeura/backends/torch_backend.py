@@ -224,7 +224,8 @@ class TorchBackend:
         self.dtype = DTYPES[options.dtype]
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
-        self._staging: dict[int, tuple] = {}  # id(device buffer) -> (pinned buffer, copy event)
+        self._staging: dict[tuple, tuple] = {}  # (device buffer, source dtype) -> (pinned buffer, copy event)
+        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
@@ -244,22 +245,35 @@ class TorchBackend:
     def can_capture(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def samples_on_device(self) -> bool:
+        """On a GPU, tokens are chosen there (one small copy back, not a logits row each);
+        on the CPU the host sampler is as fast and keeps numpy's random stream."""
+        return self.device.type == "cuda"
+
+    def choose_tokens(self, logits: torch.Tensor, sequences) -> list[int]:
+        from .torch_sampling import choose
+        return choose(logits, sequences)
+
     def write(self, dst: torch.Tensor, array, dtype: str) -> None:
-        """Copy a host array into an existing device buffer (the inputs of a recorded run):
-        through a pinned staging buffer, without waiting for the GPU."""
+        """Copy into an existing device buffer (the inputs of a recorded run) without waiting
+        for the GPU: device arrays directly, host arrays through a pinned staging buffer."""
+        if isinstance(array, torch.Tensor) and array.device == dst.device:
+            dst.copy_(array)
+            return
         src = array if isinstance(array, torch.Tensor) else torch.from_numpy(
             np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array))
         if not dst.is_cuda:
             dst.copy_(src)
             return
-        staged = self._staging.get(id(dst))
-        if staged is None:
-            staged = self._staging[id(dst)] = (torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True),
-                                               torch.cuda.Event())
+        key = (dst.data_ptr(), src.dtype)
+        staged = self._staging.get(key)
+        if staged is None or staged[0].shape != src.shape:
+            staged = self._staging[key] = (torch.empty(src.shape, dtype=src.dtype, pin_memory=True), torch.cuda.Event())
         buffer, copied = staged
         copied.synchronize()  # the previous copy out of this staging buffer is done
         buffer.copy_(src)
-        dst.copy_(buffer, non_blocking=True)
+        dst.copy_(buffer, non_blocking=True)  # a dtype change (fp32 pixels -> bf16) happens on the GPU
         copied.record()
 
     def capture(self, fn):
@@ -271,7 +285,7 @@ class TorchBackend:
             fn()  # warm-up off the main stream, as torch asks (cuBLAS workspaces)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):  # one pool: recordings never run at once
             fn()
         return graph.replay
 
