@@ -61,10 +61,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
 
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages), from bench/tune_gemv.py on an H100 (docs/perf.md): two-row stripes for
-    the layer products (N ~ 1,000-5,000: hundreds of programs), eight for the vocabulary."""
-    bk = min(512, triton.next_power_of_2(k))
-    return (2 if n <= 8192 else 8), bk, (4 if n <= 2048 else 2), 3
+    """(BN, BK, warps, stages), from bench/tune_gemv.py on an H100 (docs/perf.md): two-row
+    stripes over whole rows of K for the layer products (N ~ 1,000-5,000: hundreds of
+    programs), eight-row stripes for the vocabulary."""
+    if n > 8192:
+        return 8, min(512, triton.next_power_of_2(k)), 2, 3
+    return 2, min(1024, triton.next_power_of_2(k)), (8 if k > 2048 else 4), 2
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
