@@ -7,19 +7,24 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .generate import GenerationConfig, GenerationResult, Prompt, drain, generate_stream
+from .generate import GenerationConfig, GenerationResult, Prompt, Scheduler, drain, generate_stream
 from .models import smollm2
 from .models.smolvlm2 import NAMES as VLM_NAMES
 from .models.smolvlm2 import SmolVLM2Config
 from .processing.image import ImageProcessorConfig, load_image, preprocess_images
-from .processing.prompt import END_OF_UTTERANCE, expand_image_tokens, normalize_messages, render_chat
+from .processing.prompt import (END_OF_UTTERANCE, VideoSource, expand_image_tokens, expand_video_tokens,
+                                normalize_messages, render_chat, video_prompt)
+from .processing.video import (VideoClip, VideoError, VideoProcessorConfig, open_video, preprocess_video,
+                               video_config_dict)
 from .runtime import ModelSpec, Runtime
 from .session import CompileOptions
 from .weights import Checkpoint, load_checkpoint
@@ -99,6 +104,14 @@ class Pipeline:
     def context_length(self) -> int:
         return self.spec.text.max_position_embeddings
 
+    @functools.cached_property
+    def video_config(self) -> VideoProcessorConfig:
+        """The checkpoint's video settings, read on first use (a bad one then fails videos only)."""
+        folder = self.checkpoint.folder
+        return VideoProcessorConfig.from_dict(video_config_dict(
+            _json(folder, "processor_config.json"), _json(folder, "video_preprocessor_config.json"),
+            _json(folder, "preprocessor_config.json")))
+
     def _eos_ids(self) -> set[int]:
         eos = self.checkpoint.generation.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -117,27 +130,78 @@ class Pipeline:
     def encode(self, messages) -> Encoded:
         shaped, sources = normalize_messages(messages)
         if sources and not self.spec.vlm:
-            raise ValueError("this model reads text only: remove the image parts")
-        images = [load_image(s) for s in sources]  # errors name the file, before any model work
+            raise ValueError("this model reads text only: remove the image and video parts")
+        # Errors name the file, before any model work; videos are probed and sampled, not decoded yet.
+        media = [self._open_video(s) if isinstance(s, VideoSource) else load_image(s) for s in sources]
+        images = [m for m in media if not isinstance(m, VideoClip)]
+        videos = [m for m in media if isinstance(m, VideoClip)]
         text = render_chat(self.checkpoint.chat_template, messages, add_generation_prompt=True,
                            bos_token=self._special("bos_token_id"), eos_token=self._special("eos_token_id"))
-        pixel_values = mask = None
+        pixel_values = mask = batch = None
         if images:
             batch = preprocess_images([images], self.image_config)
             text = expand_image_tokens(text, batch["image_grids"][0], self.image_seq_len)
             pixel_values = batch["pixel_values"][0]
             mask = batch.get("pixel_attention_mask")
             mask = mask[0] if mask is not None else None
+        if videos:  # after the images: a video's text holds <image> tokens of its own
+            text = expand_video_tokens(text, [(v.timestamps, v.duration) for v in videos], self.image_seq_len)
         ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         if len(ids) >= self.context_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens long; the model's context is {self.context_length}")
+            raise ValueError(self._too_long(len(ids), videos))
+        if videos:
+            pixel_values, mask = self._media_pixels(media, pixel_values, mask, batch)
         return Encoded(ids, pixel_values, mask)
 
+    def _open_video(self, part: VideoSource) -> VideoClip:
+        if part.source is None:
+            raise VideoError("a video part has no source: give it a 'video', 'url' or 'path'")
+        return open_video(part.source, self.video_config, max_frames=part.max_frames, fps=part.fps)
+
+    def _too_long(self, length: int, videos: list[VideoClip]) -> str:
+        """The error for a prompt over the context, with a frame count that would fit."""
+        problem = f"the prompt is {length} tokens long; the model's context is {self.context_length}"
+        if not videos:
+            return problem
+        frames = sum(len(v.timestamps) for v in videos)
+        video_tokens = sum(len(self.tokenizer.encode(video_prompt(v.timestamps, v.duration, self.image_seq_len),
+                                                     add_special_tokens=False).ids) for v in videos)
+        room = self.context_length - 1 - (length - video_tokens)
+        fit = room // math.ceil(video_tokens / frames) // len(videos)
+        if fit < 1:
+            return f"{problem}, and the text alone leaves no room for the {frames} video frames"
+        return (f"{problem}; its {frames} video frames take {video_tokens} tokens. Sample fewer: at most {fit} "
+                f"frames per video fit (the video part's \"max_frames\", or --max-frames {fit} in the CLI)")
+
+    def _media_pixels(self, media, image_tiles, image_mask, batch) -> tuple[np.ndarray, np.ndarray]:
+        """Image tiles and video frames in prompt order, padded to one size: [n, 3, H, W] and
+        a bool mask [n, H, W] that is True on real pixels."""
+        items, at = [], 0  # (pixels [3, h, w], mask [h, w] or None) per tile or frame
+        grids = iter(batch["image_grids"][0] if batch else ())
+        for m in media:
+            if isinstance(m, VideoClip):
+                items += [(frame, None) for frame in preprocess_video(m, self.video_config)]
+                continue
+            rows, cols = next(grids)
+            count = rows * cols + 1 if rows else 1
+            items += [(image_tiles[k], None if image_mask is None else image_mask[k]) for k in range(at, at + count)]
+            at += count
+        height = max(p.shape[1] for p, _ in items)
+        width = max(p.shape[2] for p, _ in items)
+        pixels = np.zeros((len(items), 3, height, width), np.float32)
+        mask = np.zeros((len(items), height, width), bool)
+        for k, (p, m) in enumerate(items):
+            pixels[k, :, :p.shape[1], :p.shape[2]] = p
+            mask[k, :p.shape[1], :p.shape[2]] = True if m is None else m
+        return pixels, mask
+
     def processor(self, messages) -> dict:
-        """input_ids int64 [seq], pixel_values float32 [tiles, 3, H, W], pixel_attention_mask."""
+        """input_ids int64 [seq], pixel_values float32 [tiles and frames, 3, H, W], pixel_attention_mask."""
         return self.encode(messages).as_dict()
 
-    def _prompt(self, enc: Encoded) -> Prompt:
+    def prompt(self, enc: Encoded) -> Prompt:
+        """Token ids plus image features: runs the vision encoder, so call it from the one thread
+        that uses the runtime."""
         if enc.pixel_values is None:
             return Prompt(enc.input_ids)
         features = self.runtime.encode_images(enc.pixel_values, enc.pixel_attention_mask)
@@ -150,7 +214,7 @@ class Pipeline:
     def logits(self, messages) -> np.ndarray:
         """float32 [seq, vocab]: the logits of every prompt position."""
         enc = self.encode(messages)
-        p = self._prompt(enc)
+        p = self.prompt(enc)
         n = len(enc.input_ids)
         self.runtime.reserve(1, n)
         out = self.runtime.step(p.token_ids, np.arange(n), np.zeros(n), np.arange(n), p.image_features, p.image_rows)
@@ -164,11 +228,16 @@ class Pipeline:
         if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
             cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": room})
         self.runtime.reserve(len(encoded), longest + cfg.max_new_tokens)
-        prompts = [self._prompt(e) for e in encoded]
+        prompts = [self.prompt(e) for e in encoded]
         return generate_stream(self.runtime, prompts, cfg, self.eos_ids, self._decode)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def scheduler(self, slots: int | None = None) -> Scheduler:
+        """A continuous-batching scheduler over this pipeline's runtime and its current cache
+        (the server's engine reserves the cache once, then drives this)."""
+        return Scheduler(self.runtime, self.eos_ids, self._decode, slots)
 
     def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one conversation, or for a list of conversations as one batch."""

@@ -166,8 +166,8 @@ def test_sandbox_blocks_escapes_and_mutation():
         ([{"role": "user", "content": 3}], "message 0: 'content' must be a string or a list"),
         ([{"role": "user", "content": ["hi"]}], "message 0 part 0: expected a dict with a 'type'"),
         ([{"role": "user", "content": [{"type": "text"}]}], "message 0 part 0: text part needs a string 'text'"),
-        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video", "path": "v.mp4"}]}],
-         "message 0 part 1: unsupported content part type 'video'"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio", "path": "a.wav"}]}],
+         "message 0 part 1: unsupported content part type 'audio'"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"message 0 part 0: 'image_url' part needs"),
     ],
 )

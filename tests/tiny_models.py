@@ -85,8 +85,8 @@ def write_tiny_smolvlm_folder(folder, seed: int = 0):
     model = tiny_smolvlm(seed)
     model.config.image_token_id = tokenizer.token_to_id("<image>")
     model.config.text_config.vocab_size = 49280
-    model.resize_token_embeddings(49280)
-    with torch.no_grad():  # new rows start at the mean: make them distinct
+    model.resize_token_embeddings(49280, mean_resizing=False)
+    with torch.no_grad():  # perturb every row so none is trivially matched
         model.get_input_embeddings().weight.add_(torch.randn_like(model.get_input_embeddings().weight) * 0.02)
     end = tokenizer.token_to_id("<end_of_utterance>")
     model.config.eos_token_id = model.generation_config.eos_token_id = end

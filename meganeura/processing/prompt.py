@@ -1,18 +1,21 @@
-"""Chat-template rendering and SmolVLM image-token expansion.
+"""Chat-template rendering and SmolVLM image- and video-token expansion.
 
 Rendering mirrors transformers' ``apply_chat_template``: a sandboxed Jinja environment with
 ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, a JSON ``tojson`` filter and the
 ``raise_exception``/``strftime_now`` helpers that Hub templates call.
 
 Expansion mirrors ``SmolVLMProcessor``: each ``<image>`` placeholder becomes the tile
-markers plus ``image_seq_len`` ``<image>`` tokens per tile and for the global view.
+markers plus ``image_seq_len`` ``<image>`` tokens per tile and for the global view; each
+``<video>`` placeholder becomes an intro line (frame count in words, duration), then per
+frame its timestamp and the tokens of one unsplit image.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Literal, Mapping, Sequence
 
 import jinja2
@@ -30,17 +33,24 @@ __all__ = [
     "render_chat",
     "image_prompt",
     "expand_image_tokens",
+    "VIDEO_TOKEN",
+    "VideoSource",
+    "number_words",
+    "video_prompt",
+    "expand_video_tokens",
 ]
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"
+VIDEO_TOKEN = "<video>"
 
 ContentFormat = Literal["auto", "parts", "string"]
 
 # Keys under which an image part may carry its source (transformers' order).
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+_VIDEO_SOURCE_KEYS = ("video", "url", "path")
 
 
 # --------------------------------------------------------------------------------------
@@ -48,14 +58,19 @@ _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 # --------------------------------------------------------------------------------------
 
 
+def _url(part: Mapping[str, Any], kind: str, where: str) -> str:
+    """The URL of an OpenAI-style `image_url` / `video_url` part ({"url": ...} or a bare string)."""
+    info = part.get(kind)
+    url = info.get("url") if isinstance(info, Mapping) else info
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}: '{kind}' part needs {kind}.url (a string)")
+    return url
+
+
 def _image_source(part: Mapping[str, Any], where: str) -> Any:
     """The source of an image part, or None when the caller passes images separately."""
     if part["type"] == "image_url":
-        info = part.get("image_url")
-        url = info.get("url") if isinstance(info, Mapping) else info
-        if not isinstance(url, str) or not url:
-            raise ValueError(f"{where}: 'image_url' part needs image_url.url (a string)")
-        return url
+        return _url(part, "image_url", where)
     for key in _IMAGE_SOURCE_KEYS:
         if part.get(key) is not None:
             value = part[key]
@@ -64,6 +79,30 @@ def _image_source(part: Mapping[str, Any], where: str) -> Any:
                 value = "data:image/unknown;base64," + value
             return value
     return None
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video part's source (a path, or a list of frames) and its options: ``max_frames``
+    caps the frames sampled, ``fps`` sets the sampling rate (for a list of frames: the rate
+    they were taken at). None keeps the checkpoint's settings."""
+
+    source: Any
+    max_frames: int | None = None
+    fps: float | None = None
+
+
+def _video_source(part: Mapping[str, Any], where: str) -> VideoSource:
+    if part["type"] == "video_url":
+        source = _url(part, "video_url", where)
+    else:
+        source = next((part[k] for k in _VIDEO_SOURCE_KEYS if part.get(k) is not None), None)
+    max_frames, fps = part.get("max_frames"), part.get("fps")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+        raise ValueError(f"{where}: 'max_frames' must be a positive integer, got {max_frames!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise ValueError(f"{where}: 'fps' must be a positive number, got {fps!r}")
+    return VideoSource(source, max_frames, fps)
 
 
 def normalize_messages(
@@ -77,10 +116,16 @@ def normalize_messages(
     ``{"type": "image"}`` (templates render that as ``<image>``; the pixels stay out of the
     template) and their sources are returned in order, ``None`` for parts without one.
 
+    Video parts, ``{"type": "video", [video|url|path]: ..., "max_frames"?, "fps"?}`` or
+    ``{"type": "video_url", "video_url": {"url": ...}}``, become a text part holding the
+    ``<video>`` placeholder, and a :class:`VideoSource` joins the sources in prompt order.
+    (The published SmolVLM2 template has no video branch, so transformers renders video
+    conversations with its own default template; its output is the same as this.)
+
     ``content_format="parts"`` turns string content into a single text part, for
     templates that iterate over parts (SmolVLM2's published template renders a plain
     string as nothing at all). ``"string"`` does the reverse for text-only templates
-    such as SmolLM2's: text parts are joined with newlines, and image parts are an error.
+    such as SmolLM2's: text parts are joined with newlines; image and video parts are an error.
     Messages are copied; the input is not modified. Other message keys pass through.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -100,6 +145,7 @@ def normalize_messages(
             raise ValueError(f"{where} ({message['role']}): missing 'content'")
         content = message["content"]
 
+        videos = 0
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
@@ -116,16 +162,21 @@ def normalize_messages(
                 elif kind in ("image", "image_url"):
                     sources.append(_image_source(part, part_where))
                     parts.append({"type": "image"})
+                elif kind in ("video", "video_url"):
+                    sources.append(_video_source(part, part_where))
+                    parts.append({"type": "text", "text": VIDEO_TOKEN})
+                    videos += 1
                 else:
                     raise ValueError(
-                        f"{part_where}: unsupported content part type {kind!r} (expected text, image or image_url)"
+                        f"{part_where}: unsupported content part type {kind!r} "
+                        "(expected text, image, image_url, video or video_url)"
                     )
         else:
             raise ValueError(f"{where}: 'content' must be a string or a list of parts, got {type(content).__name__}")
 
         if content_format == "string":
-            if any(p["type"] == "image" for p in parts):
-                raise ValueError(f"{where}: this template takes plain-string content and cannot place images")
+            if videos or any(p["type"] == "image" for p in parts):
+                raise ValueError(f"{where}: this template takes plain-string content and cannot place images or videos")
             new_content: Any = "\n".join(p["text"] for p in parts)
         else:
             new_content = parts
@@ -290,5 +341,93 @@ def expand_image_tokens(
                 rows, cols, image_seq_len, image_token=image_token, fake_token=fake_token, global_token=global_token
             )
         )
+        out.append(piece)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------
+# Video tokens
+# --------------------------------------------------------------------------------------
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _below_thousand(n: int) -> str:
+    hundreds, rest = divmod(n, 100)
+    tens, ones = divmod(rest, 10)
+    tail = _ONES[rest] if rest < 20 else _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if not hundreds:
+        return tail
+    return f"{_ONES[hundreds]} hundred" + (f" and {tail}" if rest else "")
+
+
+def number_words(n: int) -> str:
+    """An English cardinal spelled as the reference's num2words spells it: "sixty-four",
+    "one hundred and one", "one thousand, two hundred" (0 <= n < 1,000,000)."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"number_words covers 0..999999, got {n}")
+    thousands, rest = divmod(n, 1000)
+    if not thousands:
+        return _below_thousand(rest)
+    head = f"{_below_thousand(thousands)} thousand"
+    if not rest:
+        return head
+    return head + (" and " if rest < 100 else ", ") + _below_thousand(rest)
+
+
+def video_prompt(
+    timestamps: Sequence[float],
+    duration: float | None,
+    image_seq_len: int = 64,
+    *,
+    frame_count: int | None = None,
+    image_token: str = IMAGE_TOKEN,
+    fake_token: str = FAKE_IMAGE_TOKEN,
+    global_token: str = GLOBAL_IMAGE_TOKEN,
+) -> str:
+    """The token string that stands for one video whose frames were taken at ``timestamps``
+    (seconds): an intro line with the frame count in words and the duration as H:MM:SS, then
+    per frame "\nFrame from MM:SS:" and an unsplit image's tokens, then a blank line.
+
+    ``duration`` None (frames given as a list) takes the last timestamp, as the reference
+    does; ``frame_count`` (default: the number of timestamps) is what the intro announces.
+    """
+    if not timestamps:
+        raise ValueError("a video needs at least one frame")
+    count = len(timestamps) if frame_count is None else frame_count
+    seconds = int(duration) if duration is not None else int(timestamps[-1])
+    text = (f"You are provided the following series of {number_words(count)} frames "
+            f"from a {timedelta(seconds=seconds)} [H:MM:SS] video.\n")
+    frame = image_prompt(0, 0, image_seq_len, image_token=image_token, fake_token=fake_token,
+                         global_token=global_token)
+    for t in timestamps:
+        text += f"\nFrame from {int(t // 60):02d}:{int(t % 60):02d}:{frame}"
+    return text + "\n\n"
+
+
+def expand_video_tokens(
+    text: str,
+    videos: Sequence[tuple[Sequence[float], float | None]],
+    image_seq_len: int = 64,
+    **tokens: str,
+) -> str:
+    """Replace the i-th ``<video>`` placeholder in ``text`` with :func:`video_prompt` of
+    video i, given as (timestamps, duration). Run it after :func:`expand_image_tokens`:
+    the video text holds ``<image>`` tokens of its own. ``tokens`` are video_prompt's
+    token keywords.
+    """
+    pieces = text.split(VIDEO_TOKEN)
+    if len(pieces) - 1 != len(videos):
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) were "
+            "given; they must match one to one"
+        )
+    # The reference announces the frame count of its padded batch of videos: the longest one's.
+    count = max((len(timestamps) for timestamps, _ in videos), default=0)
+    out = [pieces[0]]
+    for (timestamps, duration), piece in zip(videos, pieces[1:]):
+        out.append(video_prompt(timestamps, duration, image_seq_len, frame_count=count, **tokens))
         out.append(piece)
     return "".join(out)
