@@ -1,0 +1,328 @@
+"""HTTP: the OpenAI-compatible API (/v1), /health, /metrics and the chat page (/)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..generate import GenerationConfig
+from ..processing.image import load_image
+from .config import ServerConfig, cache_context
+from .engine import Engine, Job, QueueFull
+from .media import MediaError, MediaPolicy
+from .metrics import CONTENT_TYPE, Metrics
+from .schema import ImagePart, chunk, completion, error_body, new_id, parse_request, usage
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src 'self' data: blob:",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class ApiError(Exception):
+    """Becomes an OpenAI-style JSON error response."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.code), self.status, headers=self.headers)
+
+
+class _CountRequests:
+    """ASGI middleware: counts /v1 responses by endpoint and status (streams stay untouched)."""
+
+    ENDPOINTS = ("/v1/chat/completions", "/v1/models")
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        endpoint = path if path in self.ENDPOINTS else "other"
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.request(endpoint, message["status"])
+            await send(message)
+        await self.app(scope, receive, counted)
+
+
+def create_app(pipe, config: ServerConfig) -> FastAPI:
+    max_context = cache_context(pipe.spec.text, pipe.runtime.options.dtype, config.max_batch, config.max_context)
+    metrics = Metrics(config.max_batch)
+    engine = Engine(pipe, config.max_batch, max_context, config.max_queue, metrics)
+    media = MediaPolicy(config.allow_remote_media, config.media_root, config.max_media_bytes, config.remote_timeout_s)
+    metrics.gauges.update(
+        queue_depth=("Requests waiting for a slot.", engine.queue_depth),
+        running_sequences=("Sequences being generated.", engine.running),
+        batch_slots=("KV-cache slots (--max-batch).", lambda: config.max_batch),
+        context_tokens=("Tokens per slot (--max-context).", lambda: max_context))
+    model = config.model_id
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="meganeura", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.max_context = engine, max_context
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown routes and methods, in the same JSON shape
+        return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "meganeura",
+                                            "max_model_len": max_context}]}
+
+    # ---- turning a request into a job (in a worker thread: decoding images is slow) ------
+    def image(part: ImagePart, index: int):
+        try:
+            return load_image(media.open(part.image_url.url), max_pixels=config.max_image_pixels)
+        except MediaError as e:
+            raise ApiError(400, f"image {index}: {e}", code="media_not_allowed") from None
+        except ValueError as e:
+            raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
+
+    def prepare(req) -> tuple[object, GenerationConfig]:
+        count = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
+        if count > config.max_images:
+            raise ApiError(400, f"{count} images in the request; this server takes at most {config.max_images}",
+                           code="too_many_images")
+        if count and pipe.spec.vlm is None:
+            raise ApiError(400, f"model {model!r} reads text only: remove the image parts", code="images_not_supported")
+        messages, seen = [], 0
+        for m in req.messages:
+            if isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content})
+                continue
+            parts = []
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    parts.append({"type": "image", "image": image(p, seen)})
+                    seen += 1
+                else:
+                    parts.append({"type": "text", "text": p.text})
+            messages.append({"role": m.role, "content": parts})
+        try:
+            enc = pipe.encode(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_messages") from None
+        n, limit = len(enc.input_ids), req.answer_limit
+        room = max_context - n
+        if room < 1 or (limit or 0) > room:
+            asked = f" + {limit} for the answer (max_tokens)" if limit else ""
+            raise ApiError(400, f"this server's context is {max_context} tokens per request; the messages take "
+                                f"{n}{asked}", code="context_length_exceeded")
+        cfg = GenerationConfig(max_new_tokens=limit or room, seed=req.seed, stop=tuple(req.stop),
+                               temperature=1.0 if req.temperature is None else req.temperature,
+                               top_p=1.0 if req.top_p is None else req.top_p)
+        return enc, cfg
+
+    # ---- running a job ----------------------------------------------------------------
+    async def answer(job: Job):
+        """Text pieces, then the GenerationResult; an engine failure raises ApiError(500)."""
+        first = None
+        while True:
+            kind, value = await job.next_event()
+            if kind == "error":
+                raise ApiError(500, value, type_="server_error")
+            if kind == "text":
+                first = first or time.perf_counter()
+                yield value
+                continue
+            now = time.perf_counter()
+            metrics.finished(value.prompt_tokens, len(value.token_ids), now - job.arrived,
+                             first - job.arrived if first else None)
+            yield value
+            return
+
+    async def stream(job: Job, id_: str, include_usage: bool):
+        def event(body: dict) -> str:
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        ended = False
+        try:
+            yield event(chunk(id_, model, {"role": "assistant", "content": ""}))
+            async for item in answer(job):
+                if isinstance(item, str):
+                    yield event(chunk(id_, model, {"content": item}))
+                    continue
+                ended = True
+                yield event(chunk(id_, model, {}, item.finish_reason))
+                if include_usage:
+                    yield event(chunk(id_, model, usage_=usage(item.prompt_tokens, len(item.token_ids))))
+        except ApiError as e:
+            ended = True
+            yield event(error_body(e.message, e.type, e.code))
+        finally:
+            if not ended:  # the client left (Starlette cancelled us): free the slot now
+                job.cancelled = True
+                metrics.disconnected()
+        yield "data: [DONE]\n\n"
+
+    async def complete(request: Request, job: Job, id_: str):
+        async def result():
+            async for item in answer(job):
+                if not isinstance(item, str):
+                    return item
+        waiter, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not waiter.done():  # the client left (or the server is stopping): free the slot now
+                waiter.cancel()
+                job.cancelled = True
+                metrics.disconnected()
+        if not waiter.done() or waiter.cancelled():
+            return Response(status_code=499)  # nobody reads it
+        res = waiter.result()  # raises ApiError on an engine failure
+        return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        arrived = time.perf_counter()
+        body = await _read_body(request, config.max_body_bytes)
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        try:
+            req = parse_request(data)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_request") from None
+        if req.model != model:
+            raise ApiError(404, f"model {req.model!r} does not exist: this server serves {model!r}",
+                           code="model_not_found")
+        enc, cfg = await run_in_threadpool(prepare, req)
+        job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"the server is busy ({config.max_batch} requests running, {config.max_queue} "
+                                "waiting): retry shortly", code="queue_full", type_="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(job, new_id(), include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(request, job, new_id())
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, 503)
+        return {"status": "ok", "model": model, "running": engine.running(), "queued": engine.queue_depth()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html", headers=PAGE_HEADERS)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- running the server -------------------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(pipe, config: ServerConfig) -> None:
+    """`meganeura serve`: blocks until interrupted."""
+    import uvicorn
+
+    if config.host not in LOOPBACK and config.api_key is None:
+        print(f"warning: listening on {config.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(pipe, config)
+    print(f"serving {config.model_id} on http://{config.host}:{config.port} ({config.max_batch} slots of "
+          f"{app.state.max_context} tokens)", file=sys.stderr)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """The server on 127.0.0.1 and an ephemeral port, in a background thread (tests, benchmarks).
+
+        with ServerThread(create_app(pipe, config)) as url: ...
+    """
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()

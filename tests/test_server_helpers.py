@@ -1,0 +1,66 @@
+"""Helpers shared by the server tests (this module holds no tests)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from contextlib import contextmanager
+
+import numpy as np
+from PIL import Image
+
+from meganeura.server import ServerConfig, ServerThread, create_app
+
+MODEL = "test-model"
+
+
+@contextmanager
+def serving(pipe, **settings):
+    """A server for `pipe` on 127.0.0.1 and an ephemeral port; yields its base URL."""
+    with ServerThread(create_app(pipe, ServerConfig(model_id=MODEL, **settings))) as url:
+        yield url
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def flat_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def user(text: str, *image_urls: str) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
+
+
+def sse(response) -> list[dict]:
+    """The JSON events of a streamed httpx response, checking it ends with [DONE]."""
+    events, done = [], False
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            assert not done, "an event after [DONE]"
+            if line == "data: [DONE]":
+                done = True
+            else:
+                events.append(json.loads(line[6:]))
+    assert done, "the stream did not end with data: [DONE]"
+    return events
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (name with its labels, as printed) in a Prometheus text page."""
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
