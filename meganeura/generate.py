@@ -151,8 +151,8 @@ class Sequence:
 def choose_tokens(runtime, logits, sequences: list[Sequence], rows: list[int]) -> list[int]:
     """The next token of each sequence, from row rows[i] of one step's backend logits.
 
-    The one place where a step's logits become tokens (host-side now; a GPU sampler can
-    replace it without touching the scheduler)."""
+    The one place where a step's logits become tokens: on the device when the backend can
+    (one small copy back), else on the host with `sample`."""
     picked = logits[rows]
     if getattr(runtime.backend, "samples_on_device", False):
         return runtime.backend.choose_tokens(picked, sequences)
@@ -298,7 +298,8 @@ def generate_stream(runtime, prompts: list[Prompt], cfg: GenerationConfig, eos_i
     """Yield (sequence index, text piece) as tokens arrive; returns the results via StopIteration.
 
     More prompts than cache slots is fine: the rest wait and join as slots free up."""
-    scheduler = Scheduler(runtime, eos_ids, decode)
+    # as wide as this call's batch: a lone prompt decodes one row even after a wider call
+    scheduler = Scheduler(runtime, eos_ids, decode, min(len(prompts), runtime.num_slots) or None)
     seqs = [scheduler.add(p, cfg) for p in prompts]  # length errors before any model work
     index = {seq: i for i, seq in enumerate(seqs)}
     while not scheduler.idle:

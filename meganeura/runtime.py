@@ -4,14 +4,15 @@ The vision graph, the prefill graphs and the decode graphs are separate plans co
 demand per static shape and sharing one `Store` (weights once, one KV cache). Outputs stay
 on the backend between stages: vision features go into the prefill without a host copy.
 
-On CUDA each decode step is a recorded CUDA graph: the batch is padded up to a bucket size
+On CUDA each decode step, prefill and vision run is a recorded CUDA graph: the batch is padded up to a bucket size
 (1, 2, 4, 8, ... num_slots) with copies of its last row (they write the same cache entry
 with the same values, and their logits are dropped), so a handful of recordings serve
-every batch.
+every batch. A step's logits stay valid until the next step; vision features are copies.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,10 +21,12 @@ import numpy as np
 from .graph import Graph
 from .models import llama
 from .models.smolvlm2 import SmolVLM2Config, build_vision_graph, vision_inputs
+from .passes import optimize
+from .plan import build_plan
 from .session import CompileOptions, Session, Store, make_backend
+from .weights import check_tensors
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
-from .weights import check_tensors
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Runtime:
         self.backend = self.store.backend
         self.record = getattr(self.backend, "can_capture", False)
         self._sessions: dict[tuple, Session] = {}
-        self._new_session: Session | None = None
+        self._released: dict[Session, int] = {}  # store version each session last released at
         self._packed: dict[Session, object] = {}  # a text session's packed index inputs
 
     # ---- weights ----------------------------------------------------------------------
@@ -68,7 +71,7 @@ class Runtime:
         check_tensors({n: (t.shape, "float") for n, t in expected.items()}, tensors, source)
         names = progress(list(expected)) if progress else expected
         for name in names:
-            self.store.set_parameter(name, tensors[name])
+            self.store.set_parameter(name, tensors[name], reload=lambda name=name: tensors[name])
 
     def reserve(self, slots: int, tokens: int) -> None:
         """Make the KV cache hold `slots` sequences of `tokens` tokens. Growing it recompiles the
@@ -83,6 +86,7 @@ class Runtime:
         self.max_seq = min(limit, max(self.max_seq, -(-tokens // 256) * 256))
         self._sessions = {k: s for k, s in self._sessions.items() if k[0] != "text"}
         self._packed.clear()
+        self._released = {s: v for s, v in self._released.items() if s in self._sessions.values()}
         self.store.states.clear()
 
     # ---- sessions ---------------------------------------------------------------------
@@ -96,16 +100,27 @@ class Runtime:
             g = Graph()
             g.set_outputs([build(g)])
             s = self._sessions[key] = Session(g, self.options, self.store, capture=record)
-            self._new_session = s
         return s
 
     def _after_run(self, s: Session) -> None:
-        """A new plan has made its constants: drop the weights that live on only inside them
-        (merged q|k|v and gate|up parts), halving those layers' memory."""
-        if s is self._new_session:
-            self._new_session = None
-            read = set().union(*(t.direct_parameters for t in self._sessions.values()))
-            self.store.release([n for n in self.store.parameters if n not in read])
+        """A plan has made its constants (first run, or first since the weights changed): drop
+        the weights that live on only inside them (merged q|k|v and gate|up parts)."""
+        if self._released.get(s) != self.store.version:
+            self._released[s] = self.store.version
+            self.store.release(s.constant_parameters & self._foldable)
+
+    @functools.cached_property
+    def _foldable(self) -> set[str]:
+        """Parameters no plan of this model reads directly (only through prepared constants)."""
+        graphs = []
+        for build in (lambda g: self.build_text_graph(g, 1, 1, 1 if self.spec.vlm else 0, "decode"),
+                      *((lambda g, pad=pad: build_vision_graph(g, self.spec.vlm, 1, None, pad)) for pad in
+                        ((False, True) if self.spec.vlm else ()))):
+            g = Graph()
+            g.set_outputs([build(g)])
+            graphs.append(build_plan(optimize(g, self.options.optimize)[0]))
+        direct = {i.name for plan in graphs for d in plan.dispatches for i in d.node.inputs if i.op == "parameter"}
+        return {n for plan in graphs for n in plan.parameters} - direct
 
     def _bucket(self, rows: int) -> int:
         size = 1
@@ -134,7 +149,9 @@ class Runtime:
                 s.set_input(name, value)
             s.run()
             self._after_run(s)
-            parts.append(s.output())
+            # a recording's output is overwritten by its next replay (and may share memory with
+            # other recordings' scratch): features outlive this call, so they get their own copy
+            parts.append(self.backend.copy(s.output()) if s.capture else s.output())
         return parts[0] if len(parts) == 1 else self.backend.concat(parts)
 
     def step(self, token_ids, positions, slots, logit_rows, image_features=None, image_rows=None):
@@ -144,6 +161,8 @@ class Runtime:
         each in its own slot, with every row's logits; anything else runs the general path."""
         token_ids, positions, slots = (np.asarray(a, dtype=np.int64) for a in (token_ids, positions, slots))
         self._check_indices(token_ids, positions, slots, logit_rows)
+        if image_rows is not None and len(image_rows) and (min(image_rows) < 0 or max(image_rows) >= len(token_ids)):
+            raise ValueError(f"step: image rows must lie in [0, {len(token_ids)})")
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
         if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:

@@ -54,8 +54,10 @@ class Store:
         self.constants: dict[str, object] = {}
         self.version = 0  # bumped when parameters change: captured replays must be re-recorded
 
-    def set_parameter(self, name: str, array) -> None:
-        self.sources[name] = array
+    def set_parameter(self, name: str, array, reload=None) -> None:
+        """`reload()` gives the host array again if a released parameter is needed later (a
+        checkpoint's lazy tensor: no host copy is kept); by default the array is kept."""
+        self.sources[name] = reload or (lambda: array)
         self.parameters[name] = self.backend.from_host(array, "f32")
         self.constants.clear()  # derived from parameters: recompute on next use
         self.version += 1
@@ -63,7 +65,7 @@ class Store:
     def parameter(self, name: str):
         value = self.parameters.get(name)
         if value is None:
-            value = self.parameters[name] = self.backend.from_host(self.sources[name], "f32")
+            value = self.parameters[name] = self.backend.from_host(self.sources[name](), "f32")
         return value
 
     def release(self, names) -> None:
@@ -171,6 +173,11 @@ class Session:
 
     def missing_parameters(self) -> list[str]:
         return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.sources]
+
+    @functools.cached_property
+    def constant_parameters(self) -> set[str]:
+        """Parameters read by the prepared constants (the parts of a merged weight)."""
+        return {i.name for n in self.plan.prepare for i in n.inputs if i.op == "parameter"}
 
     @functools.cached_property
     def direct_parameters(self) -> set[str]:

@@ -201,3 +201,16 @@ def test_runtime_refuses_out_of_range_indices(lm):
         rt.step([1], [256], [0], [0])
     with pytest.raises(ValueError, match=r"2 token ids but 1 positions and 2 slots"):
         rt.step([1, 2], [0], [0, 0], [1])
+
+
+def test_runtime_releases_only_weights_that_live_on_inside_merged_constants(vlm):
+    rt = Runtime(smolvlm_spec(vlm), CompileOptions(backend="numpy"))
+    weights = state_dict(vlm)
+    rt.load_weights(weights)
+    rt.reserve(1, 16)
+    rt.step([1, 2, 3], [0, 1, 2], [0, 0, 0], [2])
+    released = set(rt.store.sources) - set(rt.store.parameters)
+    merged = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert released and all("text_model" in n and any(m in n for m in merged) for n in released)
+    name = sorted(released)[0]
+    assert np.array_equal(rt.store.parameter(name), weights[name])  # uploaded again from its source if needed

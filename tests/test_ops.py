@@ -105,3 +105,19 @@ def test_pixel_shuffle_layout():
     expected_first = np.concatenate([grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]])
     assert np.array_equal(out[0], expected_first)
     assert np.array_equal(out[1], np.concatenate([grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]]))
+
+
+def test_masked_cache_attention_fallback_matches_the_reference():
+    """The recordable decode path for head sizes the Triton kernel does not take (e.g. 48)."""
+    torch = pytest.importorskip("torch")
+    from meganeura.backends import numpy_backend as ref
+    from meganeura.backends.torch_backend import attend_cache_masked
+    from meganeura.graph import Node
+    heads, kv, d = 6, 2, 48
+    kc, vc, q = f32(3, 20, kv * d), f32(3, 20, kv * d), f32(3, heads * d)
+    slots, positions = np.array([2, 0, 1]), np.array([19, 0, 7])
+    out = attend_cache_masked(*(torch.from_numpy(a) for a in (q, kc, vc, slots, positions)), heads, kv)
+    node = Node("cached_attention", (), (), "f32", dict(num_heads=heads, num_kv_heads=kv, rope_theta=None, mode="decode"))
+    expected = ref.op_cached_attention(node, q, kc[slots, positions], vc[slots, positions], kc.copy(), vc.copy(),
+                                       slots, positions)
+    assert rel_err(out.numpy(), expected) < 1e-5

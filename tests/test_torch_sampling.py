@@ -52,3 +52,13 @@ def test_seeded_sampling_repeats():
     runs = [[choose(logits, [s])[0] for _ in range(20)] for s in (Seq(GenerationConfig(temperature=1.0), seed=3),
                                                                    Seq(GenerationConfig(temperature=1.0), seed=3))]
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_and_top_p_one_cuts_nothing():
+    logits = torch.tensor([[2.0, 2.0, 1.0, -30.0]], device=DEVICE)
+    seq = Seq(GenerationConfig(temperature=1.0, top_k=1, seed=1), seed=1)
+    draws = {choose(logits, [seq])[0] for _ in range(200)}
+    assert draws == {0, 1}  # the host sampler keeps both tied tokens too
+    tail = Seq(GenerationConfig(temperature=1.0, top_p=1.0, seed=2), seed=2)
+    flat = torch.zeros(1, 50, device=DEVICE)  # float32 cumsum may reach 1 early: top_p=1 must not cut
+    assert len({choose(flat, [tail])[0] for _ in range(400)}) > 40

@@ -197,6 +197,9 @@ class NumpyBackend:
     def concat(self, parts: list) -> np.ndarray:
         return np.concatenate(parts)
 
+    def copy(self, value: np.ndarray) -> np.ndarray:
+        return value.copy()
+
     def zeros(self, shape) -> np.ndarray:
         return np.zeros(shape, np.float32)
 

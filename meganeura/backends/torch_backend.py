@@ -113,7 +113,16 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions)
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
         return decode_attention(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+    if mode == "decode" and q.is_cuda:  # no kernel for this head size: stay recordable
+        return attend_cache_masked(q, k_cache, v_cache, slots, positions, heads, kv_heads)
     return _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+
+
+def attend_cache_masked(q, k_cache, v_cache, slots, positions, heads, kv_heads):
+    """One row per sequence over its whole cache slot, masked past its position on the
+    device: slower than the decode kernel, but nothing is read back to the host."""
+    keys = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= positions[:, None]  # [rows, max_seq]
+    return _sdpa(q[:, None], k_cache[slots], v_cache[slots], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
 
 
 def _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads):
@@ -228,15 +237,14 @@ class TorchBackend:
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
-        if isinstance(array, torch.Tensor):
-            t = array
-        else:
-            a = np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array)
-            with warnings.catch_warnings():
-                # Memory-mapped weights are read-only; sharing them (no copy) is the point, and
-                # nothing writes to parameters.
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(a)
+        if isinstance(array, torch.Tensor):  # copied: the caller may reuse it, a recording may refill ours
+            return array.to(self.device, torch.int64 if dtype == "u32" else self.dtype, copy=True)
+        a = np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array)
+        with warnings.catch_warnings():
+            # Memory-mapped weights are read-only; sharing them (no copy) is the point, and
+            # nothing writes to parameters.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
         if dtype == "u32":
             return t.to(self.device, torch.int64)
         return t.to(self.device, self.dtype)
@@ -296,6 +304,9 @@ class TorchBackend:
 
     def concat(self, parts: list) -> torch.Tensor:
         return torch.cat(parts)
+
+    def copy(self, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
 
     def zeros(self, shape) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -46,12 +46,13 @@ def choose(logits: torch.Tensor, sequences) -> list[int]:
         dev = lambda values: torch.tensor(values, device=x.device, dtype=torch.float32)[:, None]  # noqa: E731
         scaled = x[rows] / dev([cfgs[i].temperature for i in sampled])
         ordered, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(x.shape[1], device=x.device)[None, :]
-        top_k = dev([cfgs[i].top_k or x.shape[1] for i in sampled])
-        ordered = ordered.masked_fill(rank >= top_k, float("-inf"))
+        top_k = torch.tensor([min(cfgs[i].top_k or x.shape[1], x.shape[1]) for i in sampled], device=x.device)
+        kth = ordered.gather(1, top_k[:, None] - 1)
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th value stay, as on the host
         probs = ordered.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the better tokens: keep the smallest set reaching top_p
-        probs = probs.masked_fill(before >= dev([cfgs[i].top_p for i in sampled]), 0.0)
+        top_p = dev([cfgs[i].top_p if cfgs[i].top_p < 1.0 else float("inf") for i in sampled])  # 1: no cut
+        probs = probs.masked_fill(before >= top_p, 0.0)
         # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
         noise = torch.stack([torch.empty(x.shape[1], device=x.device).exponential_(
             generator=_generator(sequences[i], x.device)) for i in sampled])

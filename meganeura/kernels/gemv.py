@@ -75,6 +75,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     m = x.shape[0]
     n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
+    assert (residual is None or residual.stride(1) == 1) and (norm is None or norm.is_contiguous())
     out = torch.empty((m, n), dtype=w.dtype, device=w.device)
     bn, bk, warps, stages = config or tiles(n, k)
     res = residual if residual is not None else out
