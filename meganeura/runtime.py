@@ -160,9 +160,7 @@ class Runtime:
         A prefill is one sequence's rows at positions 0..n-1; a decode is one row per sequence,
         each in its own slot, with every row's logits; anything else runs the general path."""
         token_ids, positions, slots = (np.asarray(a, dtype=np.int64) for a in (token_ids, positions, slots))
-        self._check_indices(token_ids, positions, slots, logit_rows)
-        if image_rows is not None and len(image_rows) and (min(image_rows) < 0 or max(image_rows) >= len(token_ids)):
-            raise ValueError(f"step: image rows must lie in [0, {len(token_ids)})")
+        self._check_indices(token_ids, positions, slots, logit_rows, image_rows)
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
         if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:
@@ -182,14 +180,15 @@ class Runtime:
         self._after_run(s)
         return s.output()
 
-    def _check_indices(self, token_ids, positions, slots, logit_rows) -> None:
+    def _check_indices(self, token_ids, positions, slots, logit_rows, image_rows=None) -> None:
         """Out-of-range indices would read or write outside a GPU buffer: refuse them here."""
         rows = len(token_ids)
         if not len(positions) == len(slots) == rows:
             raise ValueError(f"step: {rows} token ids but {len(positions)} positions and {len(slots)} slots")
         for what, values, limit in (("token id", token_ids, self.spec.text.vocab_size),
                                     ("position", positions, self.max_seq), ("slot", slots, self.num_slots),
-                                    ("logit row", np.asarray(logit_rows), rows)):
+                                    ("logit row", np.asarray(logit_rows), rows),
+                                    ("image row", np.asarray(image_rows if image_rows is not None else []), rows)):
             if len(values) and (values.min() < 0 or values.max() >= limit):
                 bad = values[(values < 0) | (values >= limit)][0]
                 hint = " (reserve() a larger cache)" if what in ("position", "slot") else ""

@@ -270,7 +270,7 @@ class TorchBackend:
             dst.copy_(array)
             return
         src = array if isinstance(array, torch.Tensor) else torch.from_numpy(
-            np.ascontiguousarray(np.asarray(array).astype(np.int64) if dtype == "u32" else array))
+            np.ascontiguousarray(array, dtype=np.int64) if dtype == "u32" else np.ascontiguousarray(array))
         if not dst.is_cuda:
             dst.copy_(src)
             return

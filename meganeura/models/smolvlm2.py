@@ -18,6 +18,11 @@ NAMES = DecoderNames(model="model.text_model.")
 CONNECTOR = "model.connector.modality_projection.proj.weight"
 
 
+# The vision tower the 256M and 500M checkpoints share (SigLIP base, 512 px, 16 px patches).
+SIGLIP_512 = VisionConfig(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
+                          num_hidden_layers=12, intermediate_size=3072, layer_norm_eps=1e-6)
+
+
 @dataclass(frozen=True)
 class SmolVLM2Config:
     vision: VisionConfig
@@ -56,8 +61,7 @@ class SmolVLM2Config:
     def smolvlm2_500m(cls) -> "SmolVLM2Config":
         """HuggingFaceTB/SmolVLM2-500M-Video-Instruct"""
         return cls(
-            vision=VisionConfig(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
-                                num_hidden_layers=12, intermediate_size=3072, layer_norm_eps=1e-6),
+            vision=SIGLIP_512,
             text=TextConfig(vocab_size=49280, hidden_size=960, num_hidden_layers=32, num_attention_heads=15,
                             num_key_value_heads=5, intermediate_size=2560, rms_norm_eps=1e-5,
                             rope_theta=100000.0, max_position_embeddings=8192),
@@ -67,8 +71,7 @@ class SmolVLM2Config:
     def smolvlm2_256m(cls) -> "SmolVLM2Config":
         """HuggingFaceTB/SmolVLM2-256M-Video-Instruct"""
         return cls(
-            vision=VisionConfig(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
-                                num_hidden_layers=12, intermediate_size=3072, layer_norm_eps=1e-6),
+            vision=SIGLIP_512,
             text=TextConfig(vocab_size=49280, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                             num_key_value_heads=3, intermediate_size=1536, rms_norm_eps=1e-5,
                             rope_theta=100000.0, max_position_embeddings=8192),
