@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from meganeura.generate import GenerationConfig, Prompt, Scheduler, drain, generate_stream
 from meganeura.models.smolvlm2 import NAMES, SmolVLM2Config
 from meganeura.runtime import ModelSpec, Runtime
 from meganeura.session import CompileOptions
@@ -82,6 +83,21 @@ def decode_loop(rt, first, positions, slots, steps):
     return np.array(out)
 
 
+def scheduled_tps(rt, prompts, steps, feats=None, image_rows=None):
+    """Decode tok/s as a user gets it: greedy generation through the Scheduler (overlapped
+    decode), all prompts at once, timed from when their prefills and first step are done."""
+    sched = Scheduler(rt, set(), lambda ids: "", slots=len(prompts))
+    cfg = GenerationConfig(max_new_tokens=steps + 1, ignore_eos=True)
+    for p in prompts:
+        sched.add(Prompt(np.asarray(p), feats, image_rows), cfg)
+    sched.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    while not sched.idle:
+        sched.step()
+    return len(prompts) * (steps - 1) / (time.perf_counter() - t)
+
+
 def hf_decode_loop(hf, ids, steps):
     """transformers eager: prefill then one forward per token with its dynamic cache."""
     from transformers import DynamicCache
@@ -105,10 +121,11 @@ def memory_child() -> None:
     weights = {name: (rng.standard_normal(t.shape, np.float32) * 0.02) for name, t in shapes.items()}
     rt = ours(weights, cfg, 1, 8192)
     ids = rng.integers(100, 40000, 8192 - 32)
+    before = torch.cuda.memory_allocated()  # weights + cache: what the prefill adds goes on top
     first = int(prefill(rt, ids).argmax())
     decode_loop(rt, [first], [len(ids)], [0], 16)
     torch.cuda.synchronize()
-    print(json.dumps({"peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+    print(json.dumps({"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "before_prefill_gib": before / 2**30}))
 
 
 def main() -> None:
@@ -168,8 +185,9 @@ def main() -> None:
         gen = hf.generate(input_ids=torch.from_numpy(text)[None].cuda(), max_new_tokens=64, min_new_tokens=64,
                           do_sample=False, output_scores=True, return_dict_in_generate=True)
         theirs = gen.sequences[0, len(text):].tolist()
-        first = int(prefill(rt, text).argmax())
-        mine_toks = [first] + decode_loop(rt, [first], [len(text)], [0], 63)[:, 0].tolist()
+        [result] = drain(generate_stream(rt, [Prompt(text)], GenerationConfig(max_new_tokens=64, ignore_eos=True),
+                                         set(), lambda ids: ""))  # the overlapped decode users get
+        mine_toks = result.token_ids
         diverge = next((i for i, (a, b) in enumerate(zip(theirs, mine_toks)) if a != b), None)
         notes["greedy_64_identical"] = diverge is None
         if diverge is not None:
@@ -186,14 +204,7 @@ def main() -> None:
     report(f"vision encoder, {args.tiles} tiles (ms)", hf_vision * 1e3, my_vision * 1e3, "ms")
     report(f"time to first token, {args.tiles} tiles + 40 tokens (ms)", hf_ttft * 1e3, my_ttft * 1e3, "ms")
 
-    # ---- decode, batch 1: after the image prompt (~875) and a ~4,000-token text prompt ----
-    def my_tps(prompt, feats=None, image_rows=None, steps=args.decode):
-        first = int(prefill(rt, prompt, 0, feats, image_rows).argmax())
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        decode_loop(rt, [first], [len(prompt)], [0], steps)
-        return steps / (time.perf_counter() - t)
-
+    # ---- decode, batch 1: after the image prompt (~875), ~900 and ~4,000 text tokens ----
     with torch.no_grad():
         hf(input_ids=x_ids, pixel_values=x_pix, logits_to_keep=1)
         from transformers import DynamicCache
@@ -207,33 +218,29 @@ def main() -> None:
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tok.cpu()
         hf_img = args.decode / (time.perf_counter() - t)
-    my_tps(ids, rt.encode_images(pixels), image_rows, 8)
-    report(f"decode tok/s after the image prompt ({n} context)", hf_img, my_tps(ids, rt.encode_images(pixels), image_rows), "tok/s")
-
-    long_text = rng.integers(100, 40000, 4000)
-    rt.reserve(1, 4200)
-    my_tps(long_text, steps=8)
-    with torch.no_grad():
-        hf_long = args.decode / hf_decode_loop(hf, torch.from_numpy(long_text)[None].cuda(), args.decode)
-    report("decode tok/s, 4,000 text tokens of context", hf_long, my_tps(long_text), "tok/s")
+    scheduled_tps(rt, [ids], 8, rt.encode_images(pixels), image_rows)
+    report(f"decode tok/s after the image prompt ({n} context)", hf_img,
+           scheduled_tps(rt, [ids], args.decode, rt.encode_images(pixels), image_rows), "tok/s")
 
     text900 = rng.integers(100, 40000, 900)
     with torch.no_grad():
         hf_900 = args.decode / hf_decode_loop(hf, torch.from_numpy(text900)[None].cuda(), args.decode)
-    rt.reserve(1, 1024)
-    my_tps(text900, steps=8)
-    report("decode tok/s, 900 text tokens of context", hf_900, my_tps(text900), "tok/s")
+    scheduled_tps(rt, [text900], 8)
+    report("decode tok/s, 900 text tokens of context", hf_900, scheduled_tps(rt, [text900], args.decode), "tok/s")
+
+    long_text = rng.integers(100, 40000, 4000)
+    rt.reserve(1, 4200)
+    scheduled_tps(rt, [long_text], 8)
+    with torch.no_grad():
+        hf_long = args.decode / hf_decode_loop(hf, torch.from_numpy(long_text)[None].cuda(), args.decode)
+    report("decode tok/s, 4,000 text tokens of context", hf_long, scheduled_tps(rt, [long_text], args.decode), "tok/s")
 
     # ---- batched decode: B sequences of ~900 tokens each ----
     for batch in (8, 32):
         prompts = [rng.integers(100, 40000, 900) for _ in range(batch)]
         rt.reserve(batch, 1024)
-        firsts = [int(prefill(rt, p, slot).argmax()) for slot, p in enumerate(prompts)]
-        decode_loop(rt, firsts, [900] * batch, list(range(batch)), 4)  # record this bucket
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        decode_loop(rt, firsts, [904] * batch, list(range(batch)), args.decode)
-        mine = batch * args.decode / (time.perf_counter() - t)
+        scheduled_tps(rt, prompts, 4)  # record this bucket
+        mine = scheduled_tps(rt, prompts, args.decode)
         with torch.no_grad():
             theirs = batch * args.decode / hf_decode_loop(hf, torch.from_numpy(np.stack(prompts)).cuda(), args.decode)
         report(f"batched decode tok/s, {batch} x 900", theirs, mine, "tok/s")
@@ -261,7 +268,8 @@ def main() -> None:
     # ---- peak memory, one sequence at 8,192 tokens, in a fresh process ----
     child = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True)
     try:
-        notes["peak_gib_8192"] = json.loads(child.stdout.strip().splitlines()[-1])["peak_gib"]
+        memory = json.loads(child.stdout.strip().splitlines()[-1])
+        notes["peak_gib_8192"], notes["peak_gib_8192_before_prefill"] = memory["peak_gib"], memory["before_prefill_gib"]
     except (IndexError, ValueError):
         notes["peak_error"] = child.stderr[-500:]
 

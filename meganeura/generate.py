@@ -165,18 +165,44 @@ def choose_tokens(runtime, logits, sequences: list[Sequence], rows: list[int]) -
     return tokens
 
 
+@dataclass
+class _Launch:
+    """A decode step sent to the device: its sequences (by slot) and their chosen tokens."""
+
+    seqs: dict[int, Sequence]
+    tokens: object            # .result() -> host tokens by slot (a `later` handle or a _Ready)
+
+
+@dataclass
+class _Ready:
+    tokens: dict[int, int]
+
+    def result(self) -> dict[int, int]:
+        return self.tokens
+
+
+def _overlappable(seq: Sequence) -> bool:
+    """Greedy without a penalty: the device picks the next token from logits alone."""
+    return seq.cfg.temperature == 0 and seq.cfg.repetition_penalty == 1.0
+
+
 class Scheduler:
     """Continuous batching over one runtime's cache slots: sequences join between decode
     steps and leave when finished or cancelled.
 
     Each `step()` prefills waiting sequences into free slots (one sequence per prefill), then
-    runs one decode step for all running sequences. Both shapes are fixed per sequence, never
-    per batch, so a greedy answer is the same whoever runs beside it:
+    runs one decode step for all running sequences. On a backend that picks greedy tokens on
+    the device (`choose_greedy_later`), decoding is overlapped: step k sends decode k, whose
+    input tokens are decode k-1's device-side choices, before it waits for decode k-1's tokens
+    on the host, so the GPU never idles on the host's bookkeeping. A sequence that stops
+    (end token, stop string) at k-1 was computed once more at k; that row is dropped. Both
+    shapes are fixed per sequence, never per batch, so a greedy answer is the same whoever
+    runs beside it:
     - a prefill is padded to a multiple of `prefill_bucket` rows (which also bounds how many
       plans get compiled); the padding rows write cache positions that decoding overwrites
       before anything reads them;
-    - a decode step always has one row per slot, row i for slot i; idle slots get a dummy row
-      at position 0 of their own (unused) slot.
+    - a decode step always has one row per slot, row i for slot i; a slot with nothing to
+      decode gets a dummy row in its own slot, at a position nothing reads before rewriting.
     It uses the first `slots` cache slots (default: all). The runtime's cache must not be
     re-reserved while a scheduler over it is running.
     """
@@ -191,10 +217,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}   # slot -> sequence
         self.last_decode_batch = 0               # sequences in the last decode step (for metrics)
+        self.pending: _Launch | None = None      # an overlapped decode whose tokens are still on the device
+        self._in_flight: dict[Sequence, int] = {}
+        self._next_tokens = None                 # device [width]: each slot's next input token
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self.pending is None
 
     @property
     def free_slots(self) -> int:
@@ -228,6 +257,22 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, str]]:
         """Admit, then decode once. Returns (sequence, new text) for every sequence that moved;
         a sequence has finished when its `finish_reason` is set."""
+        events = self._admit()
+        overlap = getattr(self.runtime.backend, "samples_on_device", False) and all(
+            _overlappable(s) for s in self.running.values())
+        if not overlap and self.pending is not None:  # the host needs every token before the next step
+            events += self._resolve(self.pending)
+            self.pending = None
+        launch = self._launch(overlap)
+        self.last_decode_batch = len(launch.seqs) if launch else 0
+        if overlap and self.pending is not None:
+            events += self._resolve(self.pending)
+        self.pending = launch if overlap else None
+        if launch is not None and not overlap:
+            events += self._resolve(launch)
+        return events
+
+    def _admit(self) -> list[tuple[Sequence, str]]:
         events = []
         while self.waiting and self.free:
             seq = self.waiting.popleft()
@@ -243,15 +288,52 @@ class Scheduler:
             [token] = choose_tokens(self.runtime, logits, [seq], [0])
             seq._decode_start = time.perf_counter()
             seq.prefill_s = seq._decode_start - t0
+            if self._next_tokens is not None:  # the overlapped decode in flight did not have it
+                self.runtime.backend.write(self._next_tokens[seq.slot:seq.slot + 1], [token], "u32")
             events.append((seq, self._advance(seq, token)))
-        self.last_decode_batch = len(self.running)
-        if self.running:
-            seqs = list(self.running.values())
-            tokens = choose_tokens(self.runtime, self._decode_step(), seqs, [s.slot for s in seqs])
-            for seq, token in zip(seqs, tokens):
-                seq.position += 1
-                seq.decode_steps += 1
-                events.append((seq, self._advance(seq, token)))
+        return events
+
+    def _launch(self, overlap: bool) -> _Launch | None:
+        """Send one decode step for every running sequence that may still need a token."""
+        seqs = {slot: seq for slot, seq in self.running.items()
+                if len(seq.tokens) + self._in_flight.get(seq, 0) < seq.cfg.max_new_tokens}
+        if not seqs:
+            return None
+        # row i is slot i; rows of other slots are dummies at a position nothing reads back
+        positions = np.zeros(self.width, dtype=np.int64)
+        for slot, seq in self.running.items():
+            positions[slot] = seq.position
+        if self.pending is None:  # every input token is known on the host
+            tokens = np.zeros(self.width, dtype=np.int64)
+            for slot, seq in seqs.items():
+                tokens[slot] = seq.tokens[-1]
+        else:  # the decode in flight chose them on the device
+            tokens = self._next_tokens
+        slots = np.arange(self.width)
+        logits = self.runtime.step(tokens, positions, slots, slots)
+        for seq in seqs.values():
+            seq.position += 1
+            self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
+        if overlap:
+            if self._next_tokens is None:
+                self._next_tokens = self.runtime.backend.from_host(np.zeros(self.width), "u32")
+            return _Launch(seqs, self.runtime.backend.choose_greedy_later(logits, self._next_tokens))
+        order = list(seqs.items())
+        chosen = choose_tokens(self.runtime, logits, [seq for _, seq in order], [slot for slot, _ in order])
+        return _Launch(seqs, _Ready({slot: token for (slot, _), token in zip(order, chosen)}))
+
+    def _resolve(self, launch: _Launch) -> list[tuple[Sequence, str]]:
+        """Wait for a decode step's tokens and move its sequences on (those that finished or
+        were cancelled meanwhile are skipped: their row was a wasted guess)."""
+        tokens = launch.tokens.result()
+        events = []
+        for slot, seq in launch.seqs.items():
+            if seq.finish_reason is not None:
+                continue
+            self._in_flight[seq] -= 1
+            seq.decode_steps += 1
+            events.append((seq, self._advance(seq, int(tokens[slot]))))
+        self._in_flight = {s: n for s, n in self._in_flight.items() if n and s.finish_reason is None}
         return events
 
     def _prefill(self, seq: Sequence):
@@ -262,14 +344,6 @@ class Scheduler:
         ids[:n] = p.token_ids
         return self.runtime.step(ids, np.arange(rows), np.full(rows, seq.slot), [n - 1], p.image_features,
                                  p.image_rows)
-
-    def _decode_step(self):
-        tokens = np.zeros(self.width, dtype=np.int64)
-        positions = np.zeros(self.width, dtype=np.int64)
-        for slot, seq in self.running.items():
-            tokens[slot], positions[slot] = seq.tokens[-1], seq.position
-        slots = np.arange(self.width)
-        return self.runtime.step(tokens, positions, slots, slots)
 
     def _advance(self, seq: Sequence, token: int) -> str:
         if token in self.eos_ids and not seq.cfg.ignore_eos:

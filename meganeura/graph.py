@@ -157,12 +157,14 @@ class Graph:
         return self._add("matmul", (a, b), (a.shape[0], b.shape[1]))
 
     def linear(self, x: Node, weight: Node, bias: Node | None = None, residual: Node | None = None,
-               norm: Node | None = None, eps: float = 0.0, gated: bool = False) -> Node:
+               norm: Node | None = None, eps: float = 0.0, gated: bool = False, gelu: bool = False) -> Node:
         """f(x) @ weight^T (+ bias) (+ residual); weight keeps the checkpoint layout [out, in].
 
         f is the identity, or (fusions of what precedes a projection) RMSNorm with weight `norm`
-        [in] and `eps`, or with gated=True SwiGLU of x = [rows, 2*in] = gate|up: silu(gate) * up."""
+        [in] and `eps`, or with gated=True SwiGLU of x = [rows, 2*in] = gate|up: silu(gate) * up.
+        gelu=True applies the tanh GELU to the product + bias (a fusion of what follows it)."""
         self._f32("linear", x, weight)
+        self._need(not (gelu and residual is not None), "linear", "gelu and residual are exclusive", x)
         width = weight.shape[1] * (2 if gated else 1) if len(weight.shape) == 2 else -1
         self._need(len(x.shape) == 2 and len(weight.shape) == 2 and x.shape[1] == width,
                    "linear", "needs x [rows, in] (gated: [rows, 2*in]) and weight [out, in]", x, weight)
@@ -179,7 +181,7 @@ class Graph:
             self._need(norm.shape == (weight.shape[1],), "linear", f"norm must be [{weight.shape[1]}]", norm)
             operands.append(norm)
         return self._add("linear", operands, out, bias=bias is not None, residual=residual is not None,
-                         norm=norm is not None, eps=float(eps), gated=bool(gated))
+                         norm=norm is not None, eps=float(eps), gated=bool(gated), gelu=bool(gelu))
 
     # ---- elementwise -------------------------------------------------------------------
     def add(self, a: Node, b: Node) -> Node:
@@ -218,6 +220,14 @@ class Graph:
         self._need(weight.shape == x.shape[-1:] and bias.shape == x.shape[-1:], "layer_norm",
                    "weight and bias must match the last dimension", x, weight, bias)
         return self._add("layer_norm", (x, weight, bias), x.shape, eps=float(eps))
+
+    def add_layer_norm(self, x: Node, residual: Node, weight: Node, bias: Node, eps: float) -> Node:
+        """s = x + residual and its LayerNorm side by side: [rows, 2*d] = s | layer_norm(s)
+        (a fusion of a residual add and the norm that reads it; slices take the halves)."""
+        self._f32("add_layer_norm", x, residual, weight, bias)
+        self._need(len(x.shape) == 2 and residual.shape == x.shape and weight.shape == bias.shape == x.shape[-1:],
+                   "add_layer_norm", "needs x and residual [rows, d], weight and bias [d]", x, residual, weight, bias)
+        return self._add("add_layer_norm", (x, residual, weight, bias), (x.shape[0], 2 * x.shape[1]), eps=float(eps))
 
     def rms_norm(self, x: Node, weight: Node, eps: float) -> Node:
         self._f32("rms_norm", x, weight)

@@ -54,7 +54,6 @@ class Runtime:
         self.backend = self.store.backend
         self.record = getattr(self.backend, "can_capture", False)
         self._sessions: dict[tuple, Session] = {}
-        self._released: dict[Session, int] = {}  # store version each session last released at
         self._packed: dict[Session, object] = {}  # a text session's packed index inputs
 
     # ---- weights ----------------------------------------------------------------------
@@ -86,7 +85,6 @@ class Runtime:
         self.max_seq = min(limit, max(self.max_seq, -(-tokens // 256) * 256))
         self._sessions = {k: s for k, s in self._sessions.items() if k[0] != "text"}
         self._packed.clear()
-        self._released = {s: v for s, v in self._released.items() if s in self._sessions.values()}
         self.store.states.clear()
 
     # ---- sessions ---------------------------------------------------------------------
@@ -99,15 +97,8 @@ class Runtime:
         if s is None:
             g = Graph()
             g.set_outputs([build(g)])
-            s = self._sessions[key] = Session(g, self.options, self.store, capture=record)
+            s = self._sessions[key] = Session(g, self.options, self.store, capture=record, foldable=self._foldable)
         return s
-
-    def _after_run(self, s: Session) -> None:
-        """A plan has made its constants (first run, or first since the weights changed): drop
-        the weights that live on only inside them (merged q|k|v and gate|up parts)."""
-        if self._released.get(s) != self.store.version:
-            self._released[s] = self.store.version
-            self.store.release(s.constant_parameters & self._foldable)
 
     @functools.cached_property
     def _foldable(self) -> set[str]:
@@ -148,7 +139,6 @@ class Runtime:
             for name, value in vision_inputs(vlm, pixel_values[start:start + count], mask).items():
                 s.set_input(name, value)
             s.run()
-            self._after_run(s)
             # a recording's output is overwritten by its next replay (and may share memory with
             # other recordings' scratch): features outlive this call, so they get their own copy
             parts.append(self.backend.copy(s.output()) if s.capture else s.output())
@@ -158,13 +148,20 @@ class Runtime:
         """One prefill or decode step (see `llama.build_text_step`) -> logits [len(logit_rows), vocab].
 
         A prefill is one sequence's rows at positions 0..n-1; a decode is one row per sequence,
-        each in its own slot, with every row's logits; anything else runs the general path."""
-        token_ids, positions, slots = (np.asarray(a, dtype=np.int64) for a in (token_ids, positions, slots))
-        self._check_indices(token_ids, positions, slots, logit_rows, image_rows)
+        each in its own slot, with every row's logits; anything else runs the general path.
+        A decode's token ids may be a backend array (tokens a previous step chose on the device)."""
+        on_device = not isinstance(token_ids, (np.ndarray, list, tuple))
+        positions, slots = (np.asarray(a, dtype=np.int64) for a in (positions, slots))
+        if not on_device:
+            token_ids = np.asarray(token_ids, dtype=np.int64)
+        self._check_indices(None if on_device else token_ids, positions, slots, logit_rows, image_rows,
+                            rows=len(token_ids))
         rows, k = len(token_ids), len(logit_rows)
         m = 0 if image_features is None else int(image_features.shape[0])
         if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:
             return self._decode(token_ids, positions, slots)
+        if on_device:
+            raise ValueError("step: token ids on the device are taken by decode steps only (one row per slot)")
         mode = "prefill" if (slots == slots[0]).all() and np.array_equal(positions, np.arange(rows)) else "any"
         record = self.record and mode == "prefill"
         if record:  # pad to a multiple of PREFILL_ROWS: one recording serves many prompt lengths
@@ -177,15 +174,16 @@ class Runtime:
             s.set_input("image_features", image_features)
             s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32))
         s.run()
-        self._after_run(s)
         return s.output()
 
-    def _check_indices(self, token_ids, positions, slots, logit_rows, image_rows=None) -> None:
-        """Out-of-range indices would read or write outside a GPU buffer: refuse them here."""
-        rows = len(token_ids)
+    def _check_indices(self, token_ids, positions, slots, logit_rows, image_rows=None, rows=None) -> None:
+        """Out-of-range indices would read or write outside a GPU buffer: refuse them here.
+        (Token ids already on the device came from a choice over the vocabulary.)"""
+        rows = len(token_ids) if rows is None else rows
         if not len(positions) == len(slots) == rows:
             raise ValueError(f"step: {rows} token ids but {len(positions)} positions and {len(slots)} slots")
-        for what, values, limit in (("token id", token_ids, self.spec.text.vocab_size),
+        for what, values, limit in (("token id", np.asarray([] if token_ids is None else token_ids),
+                                     self.spec.text.vocab_size),
                                     ("position", positions, self.max_seq), ("slot", slots, self.num_slots),
                                     ("logit row", np.asarray(logit_rows), rows),
                                     ("image row", np.asarray(image_rows if image_rows is not None else []), rows)):
@@ -198,27 +196,35 @@ class Runtime:
         rows = len(token_ids)
         size = self._bucket(rows) if self.record else rows
         if size > rows:  # padding rows repeat the last row
-            token_ids, positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (token_ids, positions, slots))
+            positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (positions, slots))
+            token_ids = (np.pad(token_ids, (0, size - rows), mode="edge") if isinstance(token_ids, np.ndarray)
+                         else self.backend.concat([token_ids] + [token_ids[-1:]] * (size - rows)))
         s = self._session(("text", size, size, 0, "decode"),
                           lambda g: self.build_text_graph(g, size, size, 0, "decode"), record=self.record)
         self._feed(s, token_ids, positions, slots, np.arange(size))
         s.run()
-        self._after_run(s)
         out = s.output()
         return out[:rows] if size > rows else out
 
     def _feed(self, s: Session, token_ids, positions, slots, logit_rows) -> None:
-        """The four index inputs travel as one packed array: one host-to-device copy a step."""
-        host = np.concatenate([token_ids, positions, slots, logit_rows]).astype(np.int64)
+        """The four index inputs travel as one packed array: one host-to-device copy a step
+        (device-side token ids are copied in on the device)."""
+        rows = len(positions)
+        on_device = not isinstance(token_ids, np.ndarray)
+        host = np.concatenate([np.zeros(rows) if on_device else token_ids, positions, slots, logit_rows]).astype(np.int64)
         if s not in self._packed:
             packed = self._packed[s] = self.backend.from_host(host, "u32")
             start = 0
-            for name, count in (("token_ids", len(token_ids)), ("positions", len(positions)), ("slots", len(slots)),
+            for name, count in (("token_ids", rows), ("positions", rows), ("slots", rows),
                                 ("logit_rows", len(logit_rows))):
                 s.bind_input(name, packed[start:start + count])
                 start += count
-            return
-        self.backend.write(self._packed[s], host, "u32")
+        elif on_device:
+            self.backend.write(self._packed[s][rows:], host[rows:], "u32")
+        else:
+            self.backend.write(self._packed[s], host, "u32")
+        if on_device:
+            self.backend.write(self._packed[s][:rows], token_ids, "u32")
 
     def to_host(self, value) -> np.ndarray:
         return self.backend.to_host(value)

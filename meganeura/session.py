@@ -127,7 +127,7 @@ class Session:
     fixed buffers and outputs are overwritten in place by the next run."""
 
     def __init__(self, graph: Graph, options: CompileOptions | None = None, store: Store | None = None,
-                 capture: bool = False):
+                 capture: bool = False, foldable: frozenset[str] | set[str] = frozenset()):
         if not graph.outputs:
             raise SessionError("the graph has no outputs: call graph.set_outputs([...]) first")
         self.options = options or CompileOptions()
@@ -137,6 +137,14 @@ class Session:
         self.backend = self.store.backend
         memo: dict = {}
         self._constant_keys = {n: _constant_key(n, memo) for n in self.plan.prepare}
+        # `foldable` parameters are read by no plan of the model except through prepared
+        # constants: each is released from the store once the last constant reading it exists,
+        # so a merged weight and its parts are never all on the device at once
+        last_reader = {i.name: node for node in self.plan.prepare for i in node.inputs
+                       if i.op == "parameter" and i.name in foldable}
+        self._release_after: dict[Node, list[str]] = {}
+        for name, node in last_reader.items():
+            self._release_after.setdefault(node, []).append(name)
         self._inputs: dict[str, object] = {}
         self._outputs: list = []
         self.capture = capture and getattr(self.backend, "can_capture", False)
@@ -193,6 +201,8 @@ class Session:
             if value is None:
                 args = [self.store.parameter(i.name) if i.op == "parameter" else env[i] for i in node.inputs]
                 value = self.store.constants[key] = self.backend.run(node, args)
+                del args
+                self.store.release(self._release_after.get(node, ()))
             env[node] = value
 
     def run(self) -> None:

@@ -118,6 +118,24 @@ def test_batched_recorded_decode_equals_solo(model):
     assert toks == solo
 
 
+def test_overlapped_scheduler_decode_equals_step_by_step(model):
+    """The Scheduler decodes overlapped on the GPU (each step's input tokens are the previous
+    step's device-side choices, sent before the host reads them): every sequence still gets
+    its step-by-step greedy tokens, and one stopping early drops only its own extra row."""
+    from meganeura.generate import GenerationConfig, Prompt, drain, generate_stream
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 500, n).astype(np.int64) for n in (5, 60, 17)]
+    rt = _runtime(model, "float32")
+    rt.reserve(4, 200)
+    solo = [_greedy(rt, p, 3, 12) for p in prompts]
+    eos = solo[1][5]
+    expected = [s[: s.index(eos)] if eos in s else s for s in solo]
+    results = drain(generate_stream(rt, [Prompt(p) for p in prompts], GenerationConfig(max_new_tokens=12), {eos},
+                                    lambda ids: ""))
+    assert [r.token_ids for r in results] == expected
+    assert results[1].finish_reason == "stop"
+
+
 def test_pipeline_on_gpu_generates_what_the_cpu_pipeline_does(tmp_path):
     """The whole user path on the GPU (recorded prefill and decode, tokens chosen on the GPU):
     greedy answers equal the CPU pipeline's, which the CPU suite holds equal to transformers."""

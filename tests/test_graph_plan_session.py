@@ -130,6 +130,19 @@ def test_rule_residual_into_linear():
     _compare(build, {"x": _r(3, 4), "w": _r(4, 4)}, "fuse_residual_into_linear")
 
 
+def test_rule_gelu_into_linear():
+    _compare(lambda g: g.gelu(g.linear(g.input("x", [3, 4]), g.parameter("w", [5, 4]), bias=g.parameter("b", [5]))),
+             {"x": _r(3, 4), "w": _r(5, 4), "b": _r(5)}, "fuse_gelu_into_linear")
+
+
+def test_rule_add_into_layer_norm_keeps_the_sum_for_its_other_readers():
+    def build(g):
+        x = g.add(g.input("a", [3, 8]), g.input("b", [3, 8]))  # a residual stream: normed and read again
+        h = g.layer_norm(x, g.parameter("w", [8]), g.parameter("c", [8]), 1e-6)
+        return g.add(x, g.linear(h, g.parameter("p", [8, 8])))
+    _compare(build, {"a": _r(3, 8), "b": _r(3, 8), "w": _r(8), "c": _r(8), "p": _r(8, 8)}, "fuse_add_into_layer_norm")
+
+
 def test_rule_swiglu():
     _compare(lambda g: g.mul(g.silu(g.input("a", [3, 4])), g.input("b", [3, 4])),
              {"a": _r(3, 4), "b": _r(3, 4)}, "fuse_swiglu")
@@ -222,6 +235,39 @@ def test_session_errors_name_the_problem():
         build_inference_session(Graph())
     with pytest.raises(SessionError, match="unknown backend"):
         build_inference_session(g, CompileOptions(backend="cuda"))
+
+
+def test_session_releases_merged_parts_once_their_constant_exists():
+    """Foldable parameters go as soon as the last constant reading them is built: a layer's
+    q and k are gone before the next layer's merged weight is made (peak memory at load)."""
+    from meganeura.session import Session, Store, make_backend
+
+    class Watched(Store):
+        resident_when_read: list = []
+
+        def parameter(self, name):
+            Watched.resident_when_read.append((name, set(self.parameters)))
+            return super().parameter(name)
+
+    g = Graph()
+    outs = []
+    for layer in range(2):
+        x = g.input(f"x{layer}", [2, 4])
+        q, k = (g.linear(x, g.parameter(f"{layer}.{n}", [3, 4])) for n in "qk")
+        outs.append(g.add(q, k))
+    g.set_outputs([g.concat(outs, axis=1)])
+    store = Watched(make_backend(CompileOptions()))
+    s = Session(g, store=store, foldable={"0.q", "0.k", "1.q", "1.k"})
+    for name in ("0.q", "0.k", "1.q", "1.k"):
+        s.set_parameter(name, _r(3, 4))
+    for layer in range(2):
+        s.set_input(f"x{layer}", _r(2, 4))
+    s.run()
+    first_of_layer_1 = next(resident for name, resident in Watched.resident_when_read if name.startswith("1."))
+    assert not first_of_layer_1 & {"0.q", "0.k"}
+    assert not store.parameters  # all four live on in the merged constants only
+    s.run()  # later runs use the constants; the released parts are not needed
+    assert not store.parameters
 
 
 def test_step_alias_and_plan_summary():

@@ -44,6 +44,20 @@ def test_rms_norm(rows, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 768), (13, 96), (5, 100)])
+def test_add_layer_norm(rows, n, dtype):
+    from meganeura.kernels.add_layer_norm import add_layer_norm
+    x = dev(rng.standard_normal((rows, 2 * n)).astype(np.float32), dtype)[:, n:]  # a strided half, as fused
+    r = dev(rng.standard_normal((rows, n)).astype(np.float32), dtype)
+    w, b = dev(rng.standard_normal(n).astype(np.float32), dtype), dev(rng.standard_normal(n).astype(np.float32), dtype)
+    out = add_layer_norm(x, r, w, b, 1e-6)
+    expected = ref.op_add_layer_norm(node("add_layer_norm", eps=1e-6), host(x), host(r), host(w), host(b))
+    assert out.shape == (rows, 2 * n)
+    assert rel_err(host(out[:, :n]), expected[:, :n]) < TOL[dtype]
+    assert rel_err(host(out[:, n:]), expected[:, n:]) < 2 * TOL[dtype]  # the norm of a rounded sum
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_on_halves_of_a_merged_projection(dtype):
     from meganeura.kernels.swiglu import swiglu
     merged = dev(rng.standard_normal((4, 2 * 1500)).astype(np.float32), dtype)
@@ -58,20 +72,22 @@ def _cache(slots, max_seq, width, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads", [(15, 5), (4, 4), (8, 2)])
-def test_rope_cache_write(heads, kv_heads, dtype):
+@pytest.mark.parametrize("heads,kv_heads,rows", [(15, 5, 5), (4, 4, 5), (8, 2, 5), (15, 5, 20)])
+def test_rope_cache_write(heads, kv_heads, rows, dtype):
+    """Few rows spread heads over programs; 16+ rows (a prefill) take a row's heads together."""
     from meganeura.kernels.rope_cache import rope_cache_write
-    d, rows, theta = 64, 5, 100000.0
+    d, theta = 64, 100000.0
     qkv = dev(rng.standard_normal((rows, (heads + 2 * kv_heads) * d)).astype(np.float32), dtype)
     q, k, v = qkv[:, : heads * d], qkv[:, heads * d: (heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]
     kc, vc = _cache(3, 40, kv_heads * d, dtype), _cache(3, 40, kv_heads * d, dtype)
     kc_before, vc_before = host(kc), host(vc)
-    slots = np.array([2, 0, 1, 2, 0])
-    positions = np.array([0, 39, 7, 8, 1000 % 40])
+    slots = np.resize([2, 0, 1, 2, 0], rows)
+    positions = np.resize([0, 39, 7, 8, 1000 % 40], rows) if rows == 5 else rng.permutation(40)[:rows]
     inv_freq = dev(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-    q_rot = rope_cache_write(q, k, v, kc, vc, dev(slots, torch.int64), dev(positions, torch.int64), inv_freq,
-                             heads, kv_heads)
+    q_rot, k_rot = rope_cache_write(q, k, v, kc, vc, dev(slots, torch.int64), dev(positions, torch.int64), inv_freq,
+                                    heads, kv_heads, keys_out=True)
     assert rel_err(host(q_rot), ref.rotate(host(q), positions, d, theta)) < TOL[dtype]
+    assert rel_err(host(k_rot), ref.rotate(host(k), positions, d, theta)) < TOL[dtype]
     expected_k, expected_v = kc_before.copy(), vc_before.copy()
     expected_k[slots, positions] = ref.rotate(host(k), positions, d, theta)
     expected_v[slots, positions] = host(v)

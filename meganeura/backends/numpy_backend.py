@@ -52,7 +52,7 @@ def op_linear(node, x, w, *extra):
     for e in (bias, residual):
         if e is not None:
             out = out + e
-    return out
+    return gelu_tanh(out) if a["gelu"] else out
 
 
 def op_attention(node: Node, q, k, v, key_mask=None):
@@ -105,6 +105,11 @@ def op_layer_norm(node, x, w, b):
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     return (x - mean) / np.sqrt(var + np.float32(node.attrs["eps"])) * w + b
+
+
+def op_add_layer_norm(node, x, residual, w, b):
+    s = x + residual
+    return np.concatenate([s, op_layer_norm(node, s, w, b)], axis=1)
 
 
 def rms_norm(x, w, eps: float):
@@ -163,6 +168,7 @@ OPS = {
     "silu": lambda n, x: silu(x),
     "swiglu": lambda n, g, u: silu(g) * u,
     "layer_norm": op_layer_norm,
+    "add_layer_norm": op_add_layer_norm,
     "rms_norm": op_rms_norm,
     "rope": op_rope,
     "attention": op_attention,

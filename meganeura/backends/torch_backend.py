@@ -33,10 +33,12 @@ def _sdpa(q, k, v, heads, kv_heads, mask=None, causal=False) -> torch.Tensor:
     q = q.reshape(b, n, heads, -1).transpose(1, 2)
     k = k.reshape(b, m, kv_heads, -1).transpose(1, 2)
     v = v.reshape(b, m, kv_heads, -1).transpose(1, 2)
-    if kv_heads != heads:  # query head h reads kv head h // group
+    gqa = kv_heads != heads  # query head h reads kv head h // group
+    if gqa and mask is not None:  # flash attention reads shared kv heads itself, masked kernels don't
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        gqa = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
@@ -100,9 +102,10 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions)
     kernels = _fast(q) and _kernel_head_dim(d)
     if kernels and theta is not None:
         from ..kernels.rope_cache import rope_cache_write
-        q = rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, _inv_freq(theta, d, q.device), heads, kv_heads)
-        if mode == "prefill":  # the rotated keys live in the cache now (a gather, no host read)
-            k, v = k_cache[slots, positions], v_cache[slots, positions]
+        q = rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, _inv_freq(theta, d, q.device), heads,
+                             kv_heads, keys_out=mode == "prefill")
+        if mode == "prefill":  # the rotated keys, also written out beside the cache
+            q, k = q
     else:
         if theta is not None:
             q, k = rotate(q, positions, d, theta), rotate(k, positions, d, theta)
@@ -145,7 +148,7 @@ def op_linear(node: Node, x, w, *extra):
     bias = rest.pop(0) if a["bias"] else None
     residual = rest.pop(0) if a["residual"] else None
     norm = rest.pop(0) if a["norm"] else None
-    if _fast(x) and bias is None and x.stride(-1) == 1:
+    if _fast(x) and bias is None and not a["gelu"] and x.stride(-1) == 1:
         from ..kernels.gemv import MAX_ROWS, gemv
         if x.shape[0] <= MAX_ROWS:
             return gemv(x, w, residual, norm, a["eps"], a["gated"])
@@ -153,6 +156,10 @@ def op_linear(node: Node, x, w, *extra):
         x = rms_norm(x, norm, a["eps"])
     if a["gated"]:
         x = swiglu(x[:, : w.shape[1]], x[:, w.shape[1]:])
+    if a["gelu"]:
+        if bias is not None:  # on CUDA the GELU is the product's epilogue (cuBLASLt): no extra pass
+            return torch._addmm_activation(bias, x, w.T, use_gelu=True)
+        return F.gelu(x @ w.T, approximate="tanh")
     out = x @ w.T if bias is None else torch.addmm(bias, x, w.T)
     # the residual is added to the rounded product, as transformers adds in the model's dtype
     return out if residual is None else out.add_(residual)
@@ -176,6 +183,14 @@ def swiglu(g, u):
 
 def op_layer_norm(node: Node, x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, node.attrs["eps"])  # fp32 statistics inside
+
+
+def op_add_layer_norm(node: Node, x, residual, w, b):
+    if _fast(x) and x.stride(-1) == residual.stride(-1) == 1:
+        from ..kernels.add_layer_norm import add_layer_norm
+        return add_layer_norm(x, residual, w, b, node.attrs["eps"])
+    s = x + residual
+    return torch.cat([s, F.layer_norm(s, (s.shape[-1],), w, b, node.attrs["eps"])], dim=1)
 
 
 def op_pixel_shuffle(node: Node, x):
@@ -208,6 +223,7 @@ OPS = {
     "silu": lambda n, x: F.silu(x),
     "swiglu": lambda n, g, u: swiglu(g, u),
     "layer_norm": op_layer_norm,
+    "add_layer_norm": op_add_layer_norm,
     "rms_norm": lambda n, x, w: rms_norm(x, w, n.attrs["eps"]),
     "rope": op_rope,
     "attention": op_attention,
@@ -222,6 +238,17 @@ OPS = {
 }
 
 
+class _HostTokens:
+    """Token ids on their way to the host: result() waits for their copy only."""
+
+    def __init__(self, tokens, done) -> None:
+        self.tokens, self.done = tokens, done
+
+    def result(self) -> np.ndarray:
+        self.done.synchronize()
+        return self.tokens.numpy().copy()
+
+
 class TorchBackend:
     name = "torch"
 
@@ -234,6 +261,7 @@ class TorchBackend:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
         self._staging: dict[tuple, tuple] = {}  # (device buffer, source dtype) -> (pinned buffer, copy event)
+        self._token_buffers: dict[tuple, list] = {}  # pinned landing buffers for chosen tokens
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
@@ -262,6 +290,21 @@ class TorchBackend:
     def choose_tokens(self, logits: torch.Tensor, sequences) -> list[int]:
         from .torch_sampling import choose
         return choose(logits, sequences)
+
+    def choose_greedy_later(self, logits: torch.Tensor, into: torch.Tensor):
+        """Each row's argmax into the device buffer `into` (the next step's input tokens),
+        copied back without waiting: returns a handle whose result() waits for the copy."""
+        into.copy_(logits.argmax(-1))
+        key = (into.data_ptr(), into.shape[0])
+        buffers = self._token_buffers.setdefault(key, [])
+        if len(buffers) < 2:  # two in turn: one is read on the host while the next copy lands
+            buffers.append(torch.empty(into.shape, dtype=into.dtype, pin_memory=True))
+        buffers.append(buffers.pop(0))
+        host = buffers[-1]
+        host.copy_(into, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _HostTokens(host, done)
 
     def write(self, dst: torch.Tensor, array, dtype: str) -> None:
         """Copy into an existing device buffer (the inputs of a recorded run) without waiting

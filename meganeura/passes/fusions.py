@@ -14,7 +14,7 @@ from .core import PassReport, consumers, substitute
 
 
 def _plain_linear(n: Node) -> bool:
-    return n.op == "linear" and not any(n.attrs[k] for k in ("bias", "residual", "norm", "gated"))
+    return n.op == "linear" and not any(n.attrs[k] for k in ("bias", "residual", "norm", "gated", "gelu"))
 
 
 def linear_operands(n: Node) -> dict:
@@ -25,7 +25,7 @@ def linear_operands(n: Node) -> dict:
 
 def _relink(g: Graph, n: Node, x: Node, **changes) -> Node:
     """A copy of linear node n reading x, with some attributes or operands changed."""
-    kw = {**linear_operands(n), "eps": n.attrs["eps"], "gated": n.attrs["gated"], **changes}
+    kw = {**linear_operands(n), **{k: n.attrs[k] for k in ("eps", "gated", "gelu")}, **changes}
     return g.linear(x, n.inputs[1], **kw)
 
 
@@ -39,12 +39,35 @@ def fuse_bias_into_linear(g: Graph, n: Node, uses) -> Node | None:
     return g.linear(lin.inputs[0], lin.inputs[1], bias=bias)
 
 
+def fuse_gelu_into_linear(g: Graph, n: Node, uses) -> Node | None:
+    """gelu(linear(x, w, b)) -> linear(x, w, b, gelu=True): the GELU rides on the product."""
+    if n.op != "gelu":
+        return None
+    lin = n.inputs[0]
+    if lin.op != "linear" or lin.attrs["residual"] or lin.attrs["gelu"] or uses[lin] != 1:
+        return None
+    return _relink(g, lin, lin.inputs[0], gelu=True)
+
+
+def fuse_add_into_layer_norm(g: Graph, n: Node, uses) -> Node | None:
+    """layer_norm(add(a, b)) -> halves of add_layer_norm(a, b): one pass writes the residual
+    sum and its norm, and the add's other readers (the residual stream) take the sum half."""
+    if n.op != "layer_norm" or n.inputs[0].op != "add" or len(n.shape) != 2:
+        return None
+    add, weight, bias = n.inputs
+    d = n.shape[1]
+    both = g.add_layer_norm(*add.inputs, weight, bias, n.attrs["eps"])
+    if uses[add] > 1:
+        substitute(g, add, g.slice(both, axis=1, start=0, stop=d))
+    return g.slice(both, axis=1, start=d, stop=2 * d)
+
+
 def fuse_residual_into_linear(g: Graph, n: Node, uses) -> Node | None:
     """add(linear(x, w, b?), r) -> linear(x, w, b?, residual=r): one addmm instead of two passes."""
     if n.op != "add":
         return None
     for lin, other in (n.inputs, reversed(n.inputs)):
-        if lin.op == "linear" and not lin.attrs["residual"] and uses[lin] == 1:
+        if lin.op == "linear" and not lin.attrs["residual"] and not lin.attrs["gelu"] and uses[lin] == 1:
             return _relink(g, lin, lin.inputs[0], residual=other)
     return None
 
@@ -131,7 +154,7 @@ def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
 
 
 def _merge_candidate(n: Node) -> bool:
-    return (n.op == "linear" and not any(n.attrs[k] for k in ("residual", "norm", "gated"))
+    return (n.op == "linear" and not any(n.attrs[k] for k in ("residual", "norm", "gated", "gelu"))
             and n.inputs[1].op == "parameter"
             and (not n.attrs["bias"] or n.inputs[2].op == "parameter"))
 
@@ -153,7 +176,7 @@ def apply_rules(g: Graph, rules, report: PassReport) -> None:
 
 FUSION_RULES = [
     [fuse_bias_into_linear],
-    [merge_sibling_linears],
+    [merge_sibling_linears, fuse_gelu_into_linear, fuse_add_into_layer_norm],  # before residual adds fuse
     [fuse_residual_into_linear, fuse_swiglu, fuse_rope_into_cached_attention],
     [fuse_rms_norm_into_linear, fuse_swiglu_into_linear],
 ]
