@@ -136,6 +136,19 @@ def test_overlapped_scheduler_decode_equals_step_by_step(model):
     assert results[1].finish_reason == "stop"
 
 
+def test_tokens_chosen_later_keep_their_own_landing_buffer():
+    """Two steps' tokens in flight at once: the first handle still reads the first step's."""
+    from meganeura.backends.torch_backend import TorchBackend
+    backend = TorchBackend(CompileOptions(backend="torch", device="cuda"))
+    into = torch.zeros(4, dtype=torch.int64, device="cuda")
+    steps = [torch.randn(4, 50, device="cuda") for _ in range(3)]
+    handles = [backend.choose_greedy_later(x, into) for x in steps[:2]]
+    torch.cuda.synchronize()
+    for handle, x in zip(handles, steps):
+        assert handle.result().tolist() == x.argmax(-1).tolist()
+    assert backend.choose_greedy_later(steps[2], into).result().tolist() == steps[2].argmax(-1).tolist()
+
+
 def test_pipeline_on_gpu_generates_what_the_cpu_pipeline_does(tmp_path):
     """The whole user path on the GPU (recorded prefill and decode, tokens chosen on the GPU):
     greedy answers equal the CPU pipeline's, which the CPU suite holds equal to transformers."""

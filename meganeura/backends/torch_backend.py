@@ -296,11 +296,12 @@ class TorchBackend:
         copied back without waiting: returns a handle whose result() waits for the copy."""
         into.copy_(logits.argmax(-1))
         key = (into.data_ptr(), into.shape[0])
-        buffers = self._token_buffers.setdefault(key, [])
-        if len(buffers) < 2:  # two in turn: one is read on the host while the next copy lands
-            buffers.append(torch.empty(into.shape, dtype=into.dtype, pin_memory=True))
-        buffers.append(buffers.pop(0))
-        host = buffers[-1]
+        buffers = self._token_buffers.get(key)
+        if buffers is None:  # two in turn: one is read on the host while the next copy lands
+            buffers = self._token_buffers[key] = [torch.empty(into.shape, dtype=into.dtype, pin_memory=True)
+                                                  for _ in range(2)]
+        buffers.reverse()
+        host = buffers[0]
         host.copy_(into, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

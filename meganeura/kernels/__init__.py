@@ -5,3 +5,22 @@ Each file holds the `@triton.jit` kernel and a small launcher taking torch tenso
 numerics copy transformers' bf16 rounding points (see docs/design.md) so that the bf16 path
 stays close to the reference model, not just to the fp32 math.
 """
+
+import functools
+
+import torch
+
+# Programmatic dependent launch (Hopper and later): a decode kernel is launched while the one
+# before it is still running, loads its weights, then waits (`gdc_wait`) for that kernel's
+# results; it writes nothing before the wait. False turns it off (to compare).
+USE_PDL = True
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Launch this tensor's kernel with programmatic dependent launch?"""
+    return USE_PDL and t.is_cuda and _pdl_device(t.device.index or 0)

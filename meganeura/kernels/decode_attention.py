@@ -14,12 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_ptr, l_ptr, acc_ptr,
                   stride_q, stride_slot, stride_token, scale,
                   H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -60,7 +65,10 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_p
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SP: tl.constexpr):
+                  SPLITS: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SP)
@@ -98,7 +106,7 @@ def decode_attention(q, k_cache, v_cache, slots, positions, num_heads: int, num_
     _split_kernel[(rows, num_kv_heads, splits)](
         q, k_cache, v_cache, slots, positions, m, l, acc, q.stride(0), k_cache.stride(0), k_cache.stride(1),
         1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-        SPLITS=splits, BLOCK=block, PRECISION=precision, num_warps=4)
+        SPLITS=splits, BLOCK=block, PRECISION=precision, PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
     _merge_kernel[(rows, num_heads)](m, l, acc, out, out.stride(0), H=num_heads, D=d, SPLITS=splits,
-                                     SP=triton.next_power_of_2(splits), num_warps=2)
+                                     SP=triton.next_power_of_2(splits), PDL=pdl(q), num_warps=2, launch_pdl=pdl(q))
     return out

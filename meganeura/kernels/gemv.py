@@ -8,6 +8,8 @@ over the weight with the layer's small neighbours folded in.
 
 cuBLAS picks tiles for big products; for one to four rows the work is reading the weight
 once, so each program streams a [BN, K] stripe of it (BN small, many programs in flight).
+With programmatic dependent launch the first weight tile is read while the kernel before
+is still finishing.
 """
 
 from __future__ import annotations
@@ -16,42 +18,59 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 MAX_ROWS = 1  # measured (bench/tune_gemv.py, H100): at 4 rows cuBLAS + separate kernels win
+
+
+@triton.jit
+def _row_tile(x_rows, norm_ptr, rstd, k, mask, K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+              dtype: tl.constexpr):
+    """The [BM, BK] tile of f(x) at columns k, in fp32."""
+    if GATED:  # rounding points as transformers: silu(gate) in the activation dtype, then * up
+        gate = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_rows + K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        xv = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+    else:
+        xv = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM:  # normalized row rounded, times the weight rounded, as transformers' RMSNorm
+            g = tl.load(norm_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            xv = ((xv * rstd[:, None]).to(dtype).to(tl.float32) * g[None, :]).to(dtype).to(tl.float32)
+    return xv
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, stride_w, stride_out, stride_res, eps,
                  K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     rows = tl.arange(0, BM)
     row_ok = rows < M
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = n < N
     dtype = out_ptr.dtype.element_ty
     x_rows = x_ptr + rows[:, None] * stride_x
+    # the first weight tile does not depend on the previous kernel: fetch it before waiting
+    k = tl.arange(0, BK)
+    w_first = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    rstd = tl.zeros([BM], tl.float32)
     if NORM:
         squares = tl.zeros([BM], tl.float32)
         for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
-            xv = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            kk = k0 + tl.arange(0, BK)
+            xv = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(xv * xv, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
-    acc = tl.zeros([BM, BN, BK], tl.float32)  # reduced once at the end, not per step
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        mask = row_ok[:, None] & (k < K)[None, :]
-        if GATED:  # rounding points as transformers: silu(gate) in the activation dtype, then * up
-            gate = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + k[None, :], mask=mask, other=0.0).to(tl.float32)
-            xv = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-        else:
-            xv = tl.load(x_rows + k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if NORM:  # normalized row rounded, times the weight rounded, as transformers' RMSNorm
-                g = tl.load(norm_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                xv = ((xv * rstd[:, None]).to(dtype).to(tl.float32) * g[None, :]).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
+    xv = _row_tile(x_rows, norm_ptr, rstd, k, row_ok[:, None] & (k < K)[None, :], K, NORM, GATED, dtype)
+    acc = xv[:, None, :] * w_first.to(tl.float32)[None, :, :]  # reduced once at the end, not per step
+    for k0 in range(BK, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = _row_tile(x_rows, norm_ptr, rstd, kk, row_ok[:, None] & (kk < K)[None, :], K, NORM, GATED, dtype)
+        w = tl.load(w_ptr + n[:, None] * stride_w + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :],
                     other=0.0).to(tl.float32)
-        acc += xv[:, None, :] * w[None, :, :]
+        acc += xk[:, None, :] * w[None, :, :]
     out = tl.sum(acc, axis=2).to(dtype)
     out_mask = row_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
@@ -82,5 +101,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, out, res, norm if norm is not None else w, m, n, x.stride(0), w.stride(0), out.stride(0),
         res.stride(0), eps, K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
-        BM=triton.next_power_of_2(m), BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        BM=triton.next_power_of_2(m), BN=bn, BK=bk, PDL=pdl(x), num_warps=warps, num_stages=stages, launch_pdl=pdl(x))
     return out

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rotate_head(src, dst, cos, sin, i, D: tl.constexpr):
@@ -28,7 +30,10 @@ def _rotate_head(src, dst, cos, sin, i, D: tl.constexpr):
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr,
                        inv_freq_ptr, stride_q, stride_k, stride_v, stride_q_out, stride_k_out, stride_slot,
                        stride_token, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
-                       K_OUT: tl.constexpr):
+                       K_OUT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pos = tl.load(positions_ptr + row)
     i = tl.arange(0, D)
@@ -68,6 +73,6 @@ def rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, inv_freq, num_
         _rope_cache_kernel[(rows, triton.cdiv(heads, per_program))](
             q, k, v, q_out, k_out, k_cache, v_cache, slots, positions, inv_freq,
             q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), k_out.stride(0), k_cache.stride(0),
-            k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program, K_OUT=keys_out,
-            num_warps=1 if per_program == 1 else 2)
+            k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program, K_OUT=keys_out, PDL=pdl(q),
+            num_warps=1 if per_program == 1 else 2, launch_pdl=pdl(q))
     return (q_out, k_out) if keys_out else q_out
