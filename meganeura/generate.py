@@ -182,8 +182,8 @@ class _Ready:
 
 
 def _overlappable(seq: Sequence) -> bool:
-    """Greedy without a penalty: the device picks the next token from logits alone."""
-    return seq.cfg.temperature == 0 and seq.cfg.repetition_penalty == 1.0
+    """No repetition penalty: the device picks the next token from logits and settings alone."""
+    return seq.cfg.repetition_penalty == 1.0
 
 
 class Scheduler:
@@ -191,11 +191,13 @@ class Scheduler:
     steps and leave when finished or cancelled.
 
     Each `step()` prefills waiting sequences into free slots (one sequence per prefill), then
-    runs one decode step for all running sequences. On a backend that picks greedy tokens on
-    the device (`choose_greedy_later`), decoding is overlapped: step k sends decode k, whose
-    input tokens are decode k-1's device-side choices, before it waits for decode k-1's tokens
-    on the host, so the GPU never idles on the host's bookkeeping. A sequence that stops
-    (end token, stop string) at k-1 was computed once more at k; that row is dropped. Both
+    runs one decode step for all running sequences. On a backend that picks tokens on the
+    device (`choose_later`), decoding is overlapped (unless `overlap=False`): step k sends
+    decode k, whose input tokens are decode k-1's device-side choices, before it waits for
+    decode k-1's tokens on the host, so the GPU never idles on the host's bookkeeping. A
+    sequence that stops (end token, stop string) at k-1 was computed once more at k; that row
+    is dropped. A repetition penalty needs every token on the host: while a sequence with one
+    runs, steps go one by one. Both
     shapes are fixed per sequence, never per batch, so a greedy answer is the same whoever
     runs beside it:
     - a prefill is padded to a multiple of `prefill_bucket` rows (which also bounds how many
@@ -208,10 +210,11 @@ class Scheduler:
     """
 
     def __init__(self, runtime, eos_ids: set[int], decode: Callable[[list[int]], str], slots: int | None = None,
-                 prefill_bucket: int = 32):
+                 prefill_bucket: int = 32, overlap: bool = True):
         if slots is not None and not 0 < slots <= runtime.num_slots:
             raise ValueError(f"{slots} slots asked for, the runtime's cache has {runtime.num_slots}")
         self.runtime, self.eos_ids, self.decode, self.bucket = runtime, eos_ids, decode, prefill_bucket
+        self.overlap = overlap and getattr(runtime.backend, "samples_on_device", False)
         self.width = slots or runtime.num_slots
         self.free = list(range(self.width))      # a heap: the lowest free slot goes first
         self.waiting: deque[Sequence] = deque()
@@ -258,8 +261,7 @@ class Scheduler:
         """Admit, then decode once. Returns (sequence, new text) for every sequence that moved;
         a sequence has finished when its `finish_reason` is set."""
         events = self._admit()
-        overlap = getattr(self.runtime.backend, "samples_on_device", False) and all(
-            _overlappable(s) for s in self.running.values())
+        overlap = self.overlap and all(_overlappable(s) for s in self.running.values())
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
             self.pending = None
@@ -317,7 +319,8 @@ class Scheduler:
         if overlap:
             if self._next_tokens is None:
                 self._next_tokens = self.runtime.backend.from_host(np.zeros(self.width), "u32")
-            return _Launch(seqs, self.runtime.backend.choose_greedy_later(logits, self._next_tokens))
+            rows = [seqs.get(slot) for slot in range(self.width)]
+            return _Launch(seqs, self.runtime.backend.choose_later(logits, rows, self._next_tokens))
         order = list(seqs.items())
         chosen = choose_tokens(self.runtime, logits, [seq for _, seq in order], [slot for slot, _ in order])
         return _Launch(seqs, _Ready({slot: token for (slot, _), token in zip(order, chosen)}))

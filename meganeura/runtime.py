@@ -149,8 +149,9 @@ class Runtime:
 
         A prefill is one sequence's rows at positions 0..n-1; a decode is one row per sequence,
         each in its own slot, with every row's logits; anything else runs the general path.
-        A decode's token ids may be a backend array (tokens a previous step chose on the device)."""
-        on_device = not isinstance(token_ids, (np.ndarray, list, tuple))
+        Token ids may be a backend array (tokens a previous step chose on the device: trusted
+        to be in the vocabulary); a decode step then reads them without a trip to the host."""
+        on_device = getattr(self.backend, "owns", lambda _: False)(token_ids)
         positions, slots = (np.asarray(a, dtype=np.int64) for a in (positions, slots))
         if not on_device:
             token_ids = np.asarray(token_ids, dtype=np.int64)
@@ -160,8 +161,8 @@ class Runtime:
         m = 0 if image_features is None else int(image_features.shape[0])
         if len(np.unique(slots)) == rows and k == rows and np.array_equal(logit_rows, np.arange(rows)) and not m:
             return self._decode(token_ids, positions, slots)
-        if on_device:
-            raise ValueError("step: token ids on the device are taken by decode steps only (one row per slot)")
+        if on_device:  # other steps pad and pack on the host
+            token_ids = self.backend.to_host(token_ids).astype(np.int64)
         mode = "prefill" if (slots == slots[0]).all() and np.array_equal(positions, np.arange(rows)) else "any"
         record = self.record and mode == "prefill"
         if record:  # pad to a multiple of PREFILL_ROWS: one recording serves many prompt lengths

@@ -134,6 +134,16 @@ def test_overlapped_scheduler_decode_equals_step_by_step(model):
                                     lambda ids: ""))
     assert [r.token_ids for r in results] == expected
     assert results[1].finish_reason == "stop"
+    from meganeura.generate import Scheduler
+    sampled = []
+    for overlap in (False, True):  # seeded sampling: one draw per sequence and step either way
+        sched = Scheduler(rt, {eos}, lambda ids: "", overlap=overlap)
+        cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=3)
+        seqs = [sched.add(Prompt(p), cfg) for p in prompts]
+        while not sched.idle:
+            sched.step()
+        sampled.append([s.tokens for s in seqs])
+    assert sampled[0] == sampled[1]
 
 
 def test_tokens_chosen_later_keep_their_own_landing_buffer():
@@ -142,11 +152,11 @@ def test_tokens_chosen_later_keep_their_own_landing_buffer():
     backend = TorchBackend(CompileOptions(backend="torch", device="cuda"))
     into = torch.zeros(4, dtype=torch.int64, device="cuda")
     steps = [torch.randn(4, 50, device="cuda") for _ in range(3)]
-    handles = [backend.choose_greedy_later(x, into) for x in steps[:2]]
+    handles = [backend.choose_later(x, [None] * 4, into) for x in steps[:2]]
     torch.cuda.synchronize()
     for handle, x in zip(handles, steps):
         assert handle.result().tolist() == x.argmax(-1).tolist()
-    assert backend.choose_greedy_later(steps[2], into).result().tolist() == steps[2].argmax(-1).tolist()
+    assert backend.choose_later(steps[2], [None] * 4, into).result().tolist() == steps[2].argmax(-1).tolist()
 
 
 def test_pipeline_on_gpu_generates_what_the_cpu_pipeline_does(tmp_path):

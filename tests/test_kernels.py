@@ -72,17 +72,19 @@ def _cache(slots, max_seq, width, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,rows", [(15, 5, 5), (4, 4, 5), (8, 2, 5), (15, 5, 20)])
+@pytest.mark.parametrize("heads,kv_heads,rows", [(15, 5, 5), (4, 4, 5), (8, 2, 5), (15, 5, 210)])
 def test_rope_cache_write(heads, kv_heads, rows, dtype):
-    """Few rows spread heads over programs; 16+ rows (a prefill) take a row's heads together."""
+    """Few rows spread heads over programs; a prefill's many rows take a row's heads together."""
     from meganeura.kernels.rope_cache import rope_cache_write
     d, theta = 64, 100000.0
     qkv = dev(rng.standard_normal((rows, (heads + 2 * kv_heads) * d)).astype(np.float32), dtype)
     q, k, v = qkv[:, : heads * d], qkv[:, heads * d: (heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]
-    kc, vc = _cache(3, 40, kv_heads * d, dtype), _cache(3, 40, kv_heads * d, dtype)
+    kc, vc = _cache(3, 80, kv_heads * d, dtype), _cache(3, 80, kv_heads * d, dtype)
     kc_before, vc_before = host(kc), host(vc)
-    slots = np.resize([2, 0, 1, 2, 0], rows)
-    positions = np.resize([0, 39, 7, 8, 1000 % 40], rows) if rows == 5 else rng.permutation(40)[:rows]
+    if rows == 5:
+        slots, positions = np.array([2, 0, 1, 2, 0]), np.array([0, 79, 7, 8, 1])
+    else:  # distinct (slot, position) pairs
+        slots, positions = np.divmod(rng.permutation(3 * 80)[:rows], 80)
     inv_freq = dev(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
     q_rot, k_rot = rope_cache_write(q, k, v, kc, vc, dev(slots, torch.int64), dev(positions, torch.int64), inv_freq,
                                     heads, kv_heads, keys_out=True)

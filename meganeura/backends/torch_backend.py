@@ -33,12 +33,16 @@ def _sdpa(q, k, v, heads, kv_heads, mask=None, causal=False) -> torch.Tensor:
     q = q.reshape(b, n, heads, -1).transpose(1, 2)
     k = k.reshape(b, m, kv_heads, -1).transpose(1, 2)
     v = v.reshape(b, m, kv_heads, -1).transpose(1, 2)
-    gqa = kv_heads != heads  # query head h reads kv head h // group
-    if gqa and mask is not None:  # flash attention reads shared kv heads itself, masked kernels don't
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-        gqa = False
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    gqa = {}
+    if kv_heads != heads:  # query head h reads kv head h // group
+        # flash attention reads the shared kv heads itself; masked or fp32 CUDA attention would
+        # fall back to the math kernel (an [H, n, n] score matrix): those get repeated heads
+        if mask is None and not (q.is_cuda and q.dtype == torch.float32):
+            gqa = {"enable_gqa": True}
+        else:
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
@@ -157,9 +161,10 @@ def op_linear(node: Node, x, w, *extra):
     if a["gated"]:
         x = swiglu(x[:, : w.shape[1]], x[:, w.shape[1]:])
     if a["gelu"]:
-        if bias is not None:  # on CUDA the GELU is the product's epilogue (cuBLASLt): no extra pass
+        if bias is not None and x.is_cuda:  # the product's epilogue (cuBLASLt, tanh GELU): no extra pass
             return torch._addmm_activation(bias, x, w.T, use_gelu=True)
-        return F.gelu(x @ w.T, approximate="tanh")
+        # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
+        return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
     out = x @ w.T if bias is None else torch.addmm(bias, x, w.T)
     # the residual is added to the rounded product, as transformers adds in the model's dtype
     return out if residual is None else out.add_(residual)
@@ -261,7 +266,7 @@ class TorchBackend:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
         self._staging: dict[tuple, tuple] = {}  # (device buffer, source dtype) -> (pinned buffer, copy event)
-        self._token_buffers: dict[tuple, list] = {}  # pinned landing buffers for chosen tokens
+        self._sampling: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
@@ -291,21 +296,28 @@ class TorchBackend:
         from .torch_sampling import choose
         return choose(logits, sequences)
 
-    def choose_greedy_later(self, logits: torch.Tensor, into: torch.Tensor):
-        """Each row's argmax into the device buffer `into` (the next step's input tokens),
-        copied back without waiting: returns a handle whose result() waits for the copy."""
-        into.copy_(logits.argmax(-1))
+    def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
+        """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
+        greedily) into the device buffer `into` (the next step's input tokens), without
+        waiting for the GPU: settings go up through pinned memory and the tokens come back
+        the same way. Returns a handle whose result() waits for that copy only. No
+        repetition penalty here: it needs the host's view of every token so far."""
+        from .torch_sampling import pick, samples, settings
         key = (into.data_ptr(), into.shape[0])
-        buffers = self._token_buffers.get(key)
-        if buffers is None:  # two in turn: one is read on the host while the next copy lands
-            buffers = self._token_buffers[key] = [torch.empty(into.shape, dtype=into.dtype, pin_memory=True)
-                                                  for _ in range(2)]
-        buffers.reverse()
-        host = buffers[0]
-        host.copy_(into, non_blocking=True)
+        if key not in self._sampling:  # two landing buffers in turn: one is read while the next copy lands
+            self._sampling[key] = (torch.zeros((3, len(rows)), device=into.device),
+                                   [torch.empty(into.shape, dtype=into.dtype, pin_memory=True) for _ in range(2)])
+        setting, landing = self._sampling[key]
+        if any(samples(s) for s in rows):
+            self.write(setting, settings(rows, logits.shape[1]), "f32")
+            into.copy_(pick(logits.float(), setting, rows))
+        else:
+            into.copy_(logits.argmax(-1))
+        landing.reverse()
+        landing[0].copy_(into, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
-        return _HostTokens(host, done)
+        done.record(torch.cuda.current_stream(into.device))
+        return _HostTokens(landing[0], done)
 
     def write(self, dst: torch.Tensor, array, dtype: str) -> None:
         """Copy into an existing device buffer (the inputs of a recorded run) without waiting
@@ -326,7 +338,7 @@ class TorchBackend:
         copied.synchronize()  # the previous copy out of this staging buffer is done
         buffer.copy_(src)
         dst.copy_(buffer, non_blocking=True)  # a dtype change (fp32 pixels -> bf16) happens on the GPU
-        copied.record()
+        copied.record(torch.cuda.current_stream(dst.device))
 
     def capture(self, fn):
         """Record fn's kernels as one CUDA graph; returns the replay callable. Replays are
@@ -340,6 +352,12 @@ class TorchBackend:
         with torch.cuda.graph(graph, pool=self._pool):  # one pool: recordings never run at once
             fn()
         return graph.replay
+
+    def owns(self, value) -> bool:
+        """Is value already one of this backend's arrays (e.g. tokens chosen on the device)?"""
+        if not isinstance(value, torch.Tensor) or value.device.type != self.device.type:
+            return False
+        return self.device.index is None or value.device.index == self.device.index  # "cuda" means any
 
     def to_host(self, value: torch.Tensor) -> np.ndarray:
         if value.dtype == torch.int64:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import pdl_args
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def decode_attention(q, k_cache, v_cache, slots, positions, num_heads: int, num_
     _split_kernel[(rows, num_kv_heads, splits)](
         q, k_cache, v_cache, slots, positions, m, l, acc, q.stride(0), k_cache.stride(0), k_cache.stride(1),
         1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-        SPLITS=splits, BLOCK=block, PRECISION=precision, PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
+        SPLITS=splits, BLOCK=block, PRECISION=precision, num_warps=4, **pdl_args(q))
     _merge_kernel[(rows, num_heads)](m, l, acc, out, out.stride(0), H=num_heads, D=d, SPLITS=splits,
-                                     SP=triton.next_power_of_2(splits), PDL=pdl(q), num_warps=2, launch_pdl=pdl(q))
+                                     SP=triton.next_power_of_2(splits), num_warps=2, **pdl_args(q))
     return out

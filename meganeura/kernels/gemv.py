@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import pdl_args
 
 MAX_ROWS = 1  # measured (bench/tune_gemv.py, H100): at 4 rows cuBLAS + separate kernels win
 
@@ -101,5 +101,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, out, res, norm if norm is not None else w, m, n, x.stride(0), w.stride(0), out.stride(0),
         res.stride(0), eps, K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
-        BM=triton.next_power_of_2(m), BN=bn, BK=bk, PDL=pdl(x), num_warps=warps, num_stages=stages, launch_pdl=pdl(x))
+        BM=triton.next_power_of_2(m), BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_args(x))
     return out

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import pdl_args
 
 
 @triton.jit
@@ -68,11 +68,11 @@ def rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, inv_freq, num_
     q_out = torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
     k_out = torch.empty((rows, k.shape[1]), dtype=q.dtype, device=q.device) if keys_out else q_out
     heads = num_heads + num_kv_heads
-    per_program = 1 if rows < 16 else heads  # few rows: spread the heads over programs
+    per_program = 1 if rows * heads < 4096 else heads  # decode batches: a program per head
     if rows:
         _rope_cache_kernel[(rows, triton.cdiv(heads, per_program))](
             q, k, v, q_out, k_out, k_cache, v_cache, slots, positions, inv_freq,
             q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), k_out.stride(0), k_cache.stride(0),
-            k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program, K_OUT=keys_out, PDL=pdl(q),
-            num_warps=1 if per_program == 1 else 2, launch_pdl=pdl(q))
+            k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program, K_OUT=keys_out,
+            num_warps=1 if per_program == 1 else 2, **pdl_args(q))
     return (q_out, k_out) if keys_out else q_out
