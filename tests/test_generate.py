@@ -46,3 +46,11 @@ def test_sampling():
     assert picks == {1}
     with pytest.raises(ValueError, match="invalid sampling settings"):
         GenerationConfig(top_p=0)
+
+
+def test_prefill_rows_pad_little_and_bound_the_plan_shapes():
+    from meganeura.generate import prefill_rows
+    rows = {n: prefill_rows(n) for n in range(1, 8193)}
+    assert all(n <= r < n + max(8, n / 8) for n, r in rows.items())
+    assert rows[38] == 40 and rows[875] == 896  # a short chat prompt; the 13-tile image prompt
+    assert len(set(rows.values())) <= 64  # distinct shapes (compiled plans) up to 8,192 tokens
