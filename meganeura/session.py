@@ -183,11 +183,6 @@ class Session:
         return [n for n in self.plan.parameters if n in self.plan.required and n not in self.store.sources]
 
     @functools.cached_property
-    def constant_parameters(self) -> set[str]:
-        """Parameters read by the prepared constants (the parts of a merged weight)."""
-        return {i.name for n in self.plan.prepare for i in n.inputs if i.op == "parameter"}
-
-    @functools.cached_property
     def direct_parameters(self) -> set[str]:
         """Parameters the per-run dispatches (or outputs) read; the rest only feed prepared constants."""
         read = [i for d in self.plan.dispatches for i in d.node.inputs] + self.plan.outputs
