@@ -265,8 +265,15 @@ class Scheduler:
         seq.finish_reason = "cancelled"
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """Admit, then decode once. Returns (sequence, new text) for every sequence that moved;
+        """Admit, then decode once. Returns (sequence, new text) for every sequence that moved,
+        one pair per sequence (a prefill token and a decode token in the same step are joined);
         a sequence has finished when its `finish_reason` is set."""
+        moved: dict[Sequence, str] = {}
+        for seq, piece in self._step():
+            moved[seq] = moved.get(seq, "") + piece
+        return list(moved.items())
+
+    def _step(self) -> list[tuple[Sequence, str]]:
         events = self._admit()
         overlap = self.overlap and all(_overlappable(s) for s in self.running.values())
         if not overlap and self.pending is not None:  # the host needs every token before the next step

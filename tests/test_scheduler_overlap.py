@@ -53,7 +53,8 @@ def _generate(rt, prompts, eos, limits, overlap=True, **sampling):
         sched = Scheduler(rt, eos, lambda ids: "", overlap=overlap)
         seqs = [sched.add(Prompt(p), GenerationConfig(max_new_tokens=limit, **sampling)) for p in prompts]
         while not sched.idle:
-            sched.step()
+            moved = [seq for seq, _ in sched.step()]
+            assert len(moved) == len(set(moved)), "one event per sequence and step"
         results += [(s.tokens, s.finish_reason) for s in seqs]
     return results
 

@@ -86,6 +86,30 @@ def test_batched_image_requests_equal_their_solo_answers(strict):
     assert got == expected
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_that_end_on_their_first_decode_step_keep_the_engine_running(pipe, strict, stream):
+    """Regression: a 2-token answer (or a stop string met on the 2nd token) finishes in the
+    same step as its prefill token; that stopped the engine for good (KeyError in _deliver)."""
+    messages = [user("Say one thing.")]
+    two = pipe.generate(messages, max_new_tokens=2)
+    second = two.text[len(pipe.generate(messages, max_new_tokens=1).text):]
+    asks = [dict(max_tokens=1), dict(max_tokens=2), dict(max_tokens=8, stop=[second])]
+    assert second, "the 2nd token adds text (else the stop-string case tests nothing)"
+    for settings in asks * 2:
+        body = {"model": MODEL, "messages": messages, "temperature": 0, "stream": stream, **settings}
+        if stream:
+            with httpx.stream("POST", strict + "/v1/chat/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                text = "".join(e["choices"][0]["delta"].get("content", "") for e in sse(r) if e["choices"])
+        else:
+            r = post(strict, body)
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["message"]["content"]
+        expected = pipe.generate(messages, max_new_tokens=settings["max_tokens"], stop=settings.get("stop", ())).text
+        assert text == expected, settings
+        assert httpx.get(strict + "/health").json()["status"] == "ok"
+
+
 BIG = data_url(flat_png(400, 400))  # 160,000 pixels (a few hundred bytes): above the strict server's 100,000
 
 
