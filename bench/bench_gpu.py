@@ -21,9 +21,10 @@ import time
 import numpy as np
 import torch
 
-from meganeura.generate import GenerationConfig, Prompt, Scheduler, drain, generate_stream
+from meganeura.engine.runner import ModelRunner, ModelSpec
+from meganeura.engine.scheduler import Scheduler
+from meganeura.generate import GenerationConfig, Prompt, drain, generate_stream
 from meganeura.models.smolvlm2 import NAMES, SmolVLM2Config
-from meganeura.runtime import ModelSpec, Runtime
 from meganeura.session import CompileOptions
 
 IMAGE = 49190
@@ -47,10 +48,12 @@ def hf_model():
     return model
 
 
-def ours(weights, cfg, slots=1, tokens=1024):
-    rt = Runtime(ModelSpec(cfg.text, NAMES, cfg), CompileOptions(backend="torch", device="cuda", dtype="bfloat16"))
+def ours(weights, cfg, cache_tokens=48 * 1024):
+    """A runner whose KV cache holds `cache_tokens` (the batched rows need 32 x ~1,000)."""
+    spec = ModelSpec(cfg.text, NAMES, cfg)
+    options = CompileOptions(backend="torch", device="cuda", dtype="bfloat16")
+    rt = ModelRunner(spec, options, cache_bytes=ModelRunner(spec, options).bytes_per_token * cache_tokens)
     rt.load_weights(weights)
-    rt.reserve(slots, tokens)
     return rt
 
 
@@ -67,9 +70,8 @@ def timed(fn, reps=7):
     return out, float(np.median(times))
 
 
-def prefill(rt, ids, slot=0, feats=None, rows=None):
-    n = len(ids)
-    return rt.step(ids, np.arange(n), np.full(n, slot), [n - 1], feats, rows)
+def prefill(rt, ids, slot, feats=None, rows=None):
+    return rt.prefill(ids, slot, feats, rows)
 
 
 def decode_loop(rt, first, positions, slots, steps):
@@ -77,7 +79,7 @@ def decode_loop(rt, first, positions, slots, steps):
     toks = np.array(first)
     out = []
     for i in range(steps):
-        logits = rt.step(toks, np.asarray(positions) + i, slots, np.arange(len(slots)))
+        logits = rt.decode(toks, np.asarray(positions) + i, slots)
         toks = logits.argmax(-1).cpu().numpy()
         out.append(toks)
     return np.array(out)
@@ -86,7 +88,7 @@ def decode_loop(rt, first, positions, slots, steps):
 def scheduled_tps(rt, prompts, steps, feats=None, image_rows=None):
     """Decode tok/s as a user gets it: greedy generation through the Scheduler (overlapped
     decode), all prompts at once, timed from when their prefills and first step are done."""
-    sched = Scheduler(rt, set(), lambda ids: "", slots=len(prompts))
+    sched = Scheduler(rt, set(), lambda ids: "", width=len(prompts))
     cfg = GenerationConfig(max_new_tokens=steps + 1, ignore_eos=True)
     for p in prompts:
         sched.add(Prompt(np.asarray(p), feats, image_rows), cfg)
@@ -117,13 +119,14 @@ def memory_child() -> None:
     """One sequence at 8,192 tokens of context, nothing else on the GPU: peak allocated bytes."""
     cfg = SmolVLM2Config.smolvlm2_500m()
     rng = np.random.default_rng(0)
-    shapes = Runtime(ModelSpec(cfg.text, NAMES, cfg)).expected_parameters()
+    shapes = ModelRunner(ModelSpec(cfg.text, NAMES, cfg)).expected_parameters()
     weights = {name: (rng.standard_normal(t.shape, np.float32) * 0.02) for name, t in shapes.items()}
-    rt = ours(weights, cfg, 1, 8192)
+    rt = ours(weights, cfg, 8192)
     ids = rng.integers(100, 40000, 8192 - 32)
+    slot = rt.cache.take(8192)
     before = torch.cuda.memory_allocated()  # weights + cache: what the prefill adds goes on top
-    first = int(prefill(rt, ids).argmax())
-    decode_loop(rt, [first], [len(ids)], [0], 16)
+    first = int(prefill(rt, ids, slot).argmax())
+    decode_loop(rt, [first], [len(ids)], [slot], 16)
     torch.cuda.synchronize()
     print(json.dumps({"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "before_prefill_gib": before / 2**30}))
 
@@ -162,10 +165,11 @@ def main() -> None:
 
     # ---- start-up: weights to GPU, plans, kernel compilation, recording (cold, this process) ----
     t0 = time.perf_counter()
-    rt = ours(weights, cfg, 1, 1024)
+    rt = ours(weights, cfg)
+    slot = rt.cache.take(1024)  # the timed prefills' slot
     feats = rt.encode_images(pixels)
-    first = int(prefill(rt, ids, 0, feats, image_rows).argmax())
-    decode_loop(rt, [first], [n], [0], 2)
+    first = int(prefill(rt, ids, slot, feats, image_rows).argmax())
+    decode_loop(rt, [first], [n], [slot], 2)
     torch.cuda.synchronize()
     notes["startup_s"] = time.perf_counter() - t0
     print(f"start-up {notes['startup_s']:.2f} s", flush=True)
@@ -173,7 +177,7 @@ def main() -> None:
     # ---- correctness: bf16 logits and 64 greedy tokens against transformers bf16 ----
     with torch.no_grad():
         ref = hf(input_ids=x_ids, pixel_values=x_pix, logits_to_keep=1).logits[0, -1].float()
-        mine = prefill(rt, ids, 0, rt.encode_images(pixels), image_rows)[0].float()
+        mine = prefill(rt, ids, slot, rt.encode_images(pixels), image_rows)[0].float()
         notes["bf16_last_logit_rel_err"] = float((mine - ref).norm() / ref.norm())
         notes["bf16_last_logit_max_rel_err"] = float((mine - ref).abs().max() / ref.abs().max())
         torch.backends.cudnn.allow_tf32 = False
@@ -200,7 +204,8 @@ def main() -> None:
         _, hf_vision = timed(lambda: hf.model.get_image_features(x_pix))
         _, hf_ttft = timed(lambda: hf(input_ids=x_ids, pixel_values=x_pix, logits_to_keep=1).logits)
     _, my_vision = timed(lambda: rt.encode_images(pixels))
-    _, my_ttft = timed(lambda: prefill(rt, ids, 0, rt.encode_images(pixels), image_rows))
+    _, my_ttft = timed(lambda: prefill(rt, ids, slot, rt.encode_images(pixels), image_rows))
+    rt.cache.release(slot)
     report(f"vision encoder, {args.tiles} tiles (ms)", hf_vision * 1e3, my_vision * 1e3, "ms")
     report(f"time to first token, {args.tiles} tiles + 40 tokens (ms)", hf_ttft * 1e3, my_ttft * 1e3, "ms")
 
@@ -229,7 +234,6 @@ def main() -> None:
     report("decode tok/s, 900 text tokens of context", hf_900, scheduled_tps(rt, [text900], args.decode), "tok/s")
 
     long_text = rng.integers(100, 40000, 4000)
-    rt.reserve(1, 4200)
     scheduled_tps(rt, [long_text], 8)
     with torch.no_grad():
         hf_long = args.decode / hf_decode_loop(hf, torch.from_numpy(long_text)[None].cuda(), args.decode)
@@ -238,7 +242,6 @@ def main() -> None:
     # ---- batched decode: B sequences of ~900 tokens each ----
     for batch in (8, 32):
         prompts = [rng.integers(100, 40000, 900) for _ in range(batch)]
-        rt.reserve(batch, 1024)
         scheduled_tps(rt, prompts, 4)  # record this bucket
         mine = scheduled_tps(rt, prompts, args.decode)
         with torch.no_grad():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 import meganeura
@@ -179,6 +180,7 @@ def main() -> None:
         "first_token_p50_s": round(percentile(stats["first_token"], 0.5), 2),
         "mean_decode_batch": round(batch_sum / max(batch_n, 1), 2),
         "errors": len(stats["errors"]), "mismatched_answers": stats["mismatches"],
+        "rss_after_gb": round(psutil.Process().memory_info().rss / 1e9, 2),
     }
     print(json.dumps(report, indent=1))
     for e in stats["errors"][:5]:

@@ -12,27 +12,27 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from meganeura.models.smolvlm2 import NAMES, SmolVLM2Config
-from meganeura.runtime import ModelSpec, Runtime
+from meganeura.engine.runner import ModelRunner, ModelSpec
 from meganeura.session import CompileOptions
 
 cfg = SmolVLM2Config.smolvlm2_500m()
 spec = ModelSpec(cfg.text, NAMES, cfg)
 rng = np.random.default_rng(0)
-weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in Runtime(spec).expected_parameters().items()}
-rt = Runtime(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"))
+weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in ModelRunner(spec).expected_parameters().items()}
+rt = ModelRunner(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"), cache_bytes=2**30)
 rt.load_weights(weights)
-rt.reserve(1, 1024)
+slot = rt.cache.take(1024)
 pixels = torch.from_numpy(rng.uniform(-1, 1, (13, 3, 512, 512)).astype(np.float32)).cuda()
 ids = np.concatenate([[1, 2, 3], [49190] * 832, rng.integers(100, 40000, 40)])
 n, image_rows = len(ids), np.flatnonzero(ids == 49190)
 
 
 def prefill():
-    return rt.step(ids, np.arange(n), np.zeros(n), [n - 1], rt.encode_images(pixels), image_rows)
+    return rt.prefill(ids, slot, rt.encode_images(pixels), image_rows)
 
 
 def step(i):
-    return rt.step([5], [n + i], [0], [0]).argmax(-1).cpu()
+    return rt.decode([5], [n + i], [slot]).argmax(-1).cpu()
 
 
 def profiled(name, fn, reps=3):
@@ -69,7 +69,7 @@ end.record()
 torch.cuda.synchronize()
 print(f"decode replay only (GPU) {start.elapsed_time(end) / 100:.3f} ms")
 profiled("vision", lambda: rt.encode_images(pixels))
-profiled("prefill (text part)", lambda: rt.step(ids, np.arange(n), np.zeros(n), [n - 1], rt.encode_images(pixels), image_rows))
+profiled("prefill (text part)", prefill)
 s.capture = False  # eager decode: one entry per kernel
 s._replay = None
 profiled("decode step (eager)", lambda: step(0), reps=5)

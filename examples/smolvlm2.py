@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from meganeura import CompileOptions, Graph, build_inference_session
+from meganeura.engine.kv_cache import CacheLayout
 from meganeura.models.smolvlm2 import SmolVLM2Config, build_text_graph, build_vision_graph, vision_inputs
 from meganeura.processing.image import ImageProcessorConfig, load_image, preprocess_images
 from meganeura.processing.prompt import expand_image_tokens, render_chat
@@ -63,18 +64,21 @@ n = len(ids)
 max_seq = n + args.max_new_tokens
 
 # 5. Prefill: image features replace the <image> embeddings in the graph; the KV cache fills.
+# One sequence, so the cache is one page of max_seq tokens (meganeura.engine pages it for many).
+cache = CacheLayout.contiguous(config.text.num_hidden_layers, config.text.kv_dim, slots=1, max_seq=max_seq)
 image_rows = np.flatnonzero(ids == config.image_token_id)
-prefill = compile_graph(lambda g: build_text_graph(g, config, rows=n, num_slots=1, max_seq=max_seq,
-                                                   logit_rows=1, image_tokens=len(image_rows)))
+prefill = compile_graph(lambda g: build_text_graph(g, config, rows=n, cache=cache, logit_rows=1,
+                                                   image_tokens=len(image_rows)))
 for name, value in {"token_ids": ids, "positions": np.arange(n), "slots": np.zeros(n), "logit_rows": [n - 1],
-                    "image_rows": image_rows}.items():
+                    "image_rows": image_rows, "block_table": cache.contiguous_table()}.items():
     prefill.set_input(name, np.asarray(value, dtype=np.uint32))
 prefill.set_input("image_features", features)
 prefill.run()
 token = int(np.argmax(prefill.read_output()[0]))
 
 # 6. Decode: one row per step, reading and extending the same cache.
-decode = compile_graph(lambda g: build_text_graph(g, config, rows=1, num_slots=1, max_seq=max_seq, logit_rows=1))
+decode = compile_graph(lambda g: build_text_graph(g, config, rows=1, cache=cache, logit_rows=1))
+decode.set_input("block_table", cache.contiguous_table().astype(np.uint32))
 end = ckpt.tokenizer.token_to_id("<end_of_utterance>")
 answer = []
 for position in range(n, max_seq):

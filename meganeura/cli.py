@@ -78,7 +78,7 @@ def cmd_inspect(args) -> None:
 
     from .graph import Graph
     from .pipeline import model_spec
-    from .runtime import Runtime
+    from .engine.runner import ModelRunner
     from .session import Session
     from .weights import load_checkpoint
     ckpt = load_checkpoint(args.model)
@@ -88,12 +88,12 @@ def cmd_inspect(args) -> None:
     if spec.vlm:
         print(f"vision: {spec.vlm.vision}, scale_factor {spec.vlm.scale_factor}, "
               f"{spec.vlm.num_vision_tokens} tokens per image")
-    runtime = Runtime(spec)
-    params = runtime.expected_parameters()
+    runner = ModelRunner(spec)
+    params = runner.expected_parameters()
     total = sum(int(np.prod(t.shape)) for t in params.values())
     print(f"parameters: {len(params)} tensors, {total / 1e6:.1f}M values")
     g = Graph()
-    g.set_outputs([runtime.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0)])
+    g.set_outputs([runner.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, mode="decode")])
     session = Session(g)
     print("decode step graph:", g)
     print("passes:", session.report)

@@ -70,7 +70,10 @@ def _numel(shape: Iterable[int]) -> int:
 class Graph:
     """Builder and container. Nodes are appended in topological order."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_invariant: bool = False) -> None:
+        # Products built in this graph compute each row as they would alone, whatever the other
+        # rows (decode steps: a greedy answer must not depend on what runs beside it).
+        self.batch_invariant = batch_invariant
         self.nodes: list[Node] = []
         self.outputs: list[Node] = []
         self._leaves: dict[str, Node] = {}
@@ -134,7 +137,7 @@ class Graph:
         return self._leaf("parameter", name, shape, "f32")
 
     def state(self, name: str, shape) -> Node:
-        """A persistent f32 buffer owned by the runtime (zero at start), e.g. a KV cache."""
+        """A persistent f32 buffer owned by its user (zero at start), e.g. the KV cache (engine/kv_cache.py)."""
         return self._leaf("state", name, shape, "f32")
 
     # ---- helpers for checks --------------------------------------------------------
@@ -157,12 +160,15 @@ class Graph:
         return self._add("matmul", (a, b), (a.shape[0], b.shape[1]))
 
     def linear(self, x: Node, weight: Node, bias: Node | None = None, residual: Node | None = None,
-               norm: Node | None = None, eps: float = 0.0, gated: bool = False, gelu: bool = False) -> Node:
+               norm: Node | None = None, eps: float = 0.0, gated: bool = False, gelu: bool = False,
+               float_out: bool = False) -> Node:
         """f(x) @ weight^T (+ bias) (+ residual); weight keeps the checkpoint layout [out, in].
 
         f is the identity, or (fusions of what precedes a projection) RMSNorm with weight `norm`
         [in] and `eps`, or with gated=True SwiGLU of x = [rows, 2*in] = gate|up: silu(gate) * up.
-        gelu=True applies the tanh GELU to the product + bias (a fusion of what follows it)."""
+        gelu=True applies the tanh GELU to the product + bias (a fusion of what follows it).
+        float_out=True keeps the result in float32 whatever the backend's dtype (logits: rounding
+        them to bf16 makes ties that pick the wrong token)."""
         self._f32("linear", x, weight)
         self._need(not (gelu and residual is not None), "linear", "gelu and residual are exclusive", x)
         width = weight.shape[1] * (2 if gated else 1) if len(weight.shape) == 2 else -1
@@ -181,7 +187,8 @@ class Graph:
             self._need(norm.shape == (weight.shape[1],), "linear", f"norm must be [{weight.shape[1]}]", norm)
             operands.append(norm)
         return self._add("linear", operands, out, bias=bias is not None, residual=residual is not None,
-                         norm=norm is not None, eps=float(eps), gated=bool(gated), gelu=bool(gelu))
+                         norm=norm is not None, eps=float(eps), gated=bool(gated), gelu=bool(gelu),
+                         float_out=bool(float_out), batch_invariant=self.batch_invariant)
 
     # ---- elementwise -------------------------------------------------------------------
     def add(self, a: Node, b: Node) -> Node:
@@ -284,17 +291,21 @@ class Graph:
     def full_attention(self, q, k, v, num_heads, block=None, key_mask=None) -> Node:
         return self.attention(q, k, v, num_heads, num_heads, causal=False, block=block, key_mask=key_mask)
 
-    def cached_attention(self, q: Node, k: Node, v: Node, k_cache: Node, v_cache: Node,
+    def cached_attention(self, q: Node, k: Node, v: Node, k_cache: Node, v_cache: Node, block_table: Node,
                          slots: Node, positions: Node, num_heads: int, num_kv_heads: int,
                          mode: str = "any", rope_theta: float | None = None) -> Node:
-        """Write each row's k, v into cache[slot, position], then attend causally over the cache.
+        """Write each row's k, v into the paged cache at (slot, position), then attend causally
+        over the cache.
 
-        Row i attends to cache[slots[i], 0..positions[i]]. All writes happen before reads, so one
-        call serves a prefill (one slot, consecutive positions), a batched decode (one row per
-        slot) and any mix of the two. `mode` is a promise about the rows that lets a backend pick
-        a faster kernel without reading them: "prefill" (one slot, positions 0..rows-1),
-        "decode" (each row its own slot) or "any". With `rope_theta`, q and k are rotated
-        (rope) at their positions first: the fusion of rope into the cache write.
+        The caches are states [pages, page_size, kv_dim]; block_table (u32 [slots, max_pages])
+        lists each slot's pages, so token t of slot s lives at row t % page_size of page
+        block_table[s, t // page_size] (engine/kv_cache.py). Row i attends to tokens
+        0..positions[i] of slot slots[i]. All writes happen before reads, so one call serves a
+        prefill (one slot, consecutive positions), a batched decode (one row per slot) and any
+        mix of the two. `mode` is a promise about the rows that lets a backend pick a faster
+        kernel without reading them: "prefill" (one slot, positions 0..rows-1), "decode" (each
+        row its own slot) or "any". With `rope_theta`, q and k are rotated (rope) at their
+        positions first: the fusion of rope into the cache write.
         """
         op = "cached_attention"
         head_dim = self._check_qkv(op, q, k, v, num_heads, num_kv_heads)
@@ -302,12 +313,14 @@ class Graph:
         self._need(k.shape[0] == rows, op, "q and k must have equal rows", q, k)
         self._need(k_cache.op == "state" and v_cache.op == "state" and k_cache.shape == v_cache.shape
                    and len(k_cache.shape) == 3 and k_cache.shape[2] == num_kv_heads * head_dim, op,
-                   f"caches must be states [slots, max_seq, {num_kv_heads * head_dim}]", k_cache, v_cache)
+                   f"caches must be states [pages, page_size, {num_kv_heads * head_dim}]", k_cache, v_cache)
+        self._need(block_table.dtype == "u32" and len(block_table.shape) == 2, op,
+                   "block_table must be u32 [slots, max_pages]", block_table)
         self._need(slots.dtype == positions.dtype == "u32" and slots.shape == positions.shape == (rows,), op,
                    f"slots and positions must be u32 [{rows}]", slots, positions)
         self._need(mode in ("any", "prefill", "decode"), op, f"mode must be any, prefill or decode, got {mode!r}", q)
-        return self._add(op, (q, k, v, k_cache, v_cache, slots, positions), q.shape, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, mode=mode,
+        return self._add(op, (q, k, v, k_cache, v_cache, block_table, slots, positions), q.shape,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, mode=mode,
                          rope_theta=None if rope_theta is None else float(rope_theta))
 
     # ---- indexing and layout -------------------------------------------------------

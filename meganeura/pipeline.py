@@ -16,7 +16,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .generate import GenerationConfig, GenerationResult, Prompt, Scheduler, drain, generate_stream
+from .engine.runner import ModelRunner, ModelSpec
+from .engine.scheduler import Scheduler
+from .generate import GenerationConfig, GenerationResult, Prompt, drain, generate_stream
 from .models import smollm2
 from .models.smolvlm2 import NAMES as VLM_NAMES
 from .models.smolvlm2 import SmolVLM2Config
@@ -25,7 +27,6 @@ from .processing.prompt import (END_OF_UTTERANCE, VideoSource, expand_image_toke
                                 normalize_messages, render_chat, video_prompt)
 from .processing.video import (VideoClip, VideoError, VideoProcessorConfig, open_video, preprocess_video,
                                video_config_dict)
-from .runtime import ModelSpec, Runtime
 from .session import CompileOptions
 from .weights import Checkpoint, load_checkpoint
 
@@ -83,7 +84,8 @@ class Encoded:
 
 
 class Pipeline:
-    def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True) -> None:
+    def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True,
+                 kv_cache_bytes: int | None = None) -> None:
         if checkpoint.tokenizer is None:
             raise ValueError(f"{checkpoint.source}: no tokenizer (tokenizer.json) found beside the weights")
         if not checkpoint.chat_template:
@@ -92,8 +94,8 @@ class Pipeline:
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
         self.spec = model_spec(checkpoint.config)
-        self.runtime = Runtime(self.spec, options)
-        self.runtime.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
+        self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
+        self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
         self.image_config = ImageProcessorConfig.from_dict(_json(checkpoint.folder, "preprocessor_config.json"))
         vlm = self.spec.vlm
         self.image_seq_len = int(_json(checkpoint.folder, "processor_config.json").get(
@@ -201,10 +203,10 @@ class Pipeline:
 
     def prompt(self, enc: Encoded) -> Prompt:
         """Token ids plus image features: runs the vision encoder, so call it from the one thread
-        that uses the runtime."""
+        that uses the runner."""
         if enc.pixel_values is None:
             return Prompt(enc.input_ids)
-        features = self.runtime.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
         rows = np.flatnonzero(enc.input_ids == self.spec.image_token_id)
         if len(rows) != features.shape[0]:
             raise ValueError(f"{len(rows)} image tokens in the prompt but {features.shape[0]} image features")
@@ -216,28 +218,31 @@ class Pipeline:
         enc = self.encode(messages)
         p = self.prompt(enc)
         n = len(enc.input_ids)
-        self.runtime.reserve(1, n)
-        out = self.runtime.step(p.token_ids, np.arange(n), np.zeros(n), np.arange(n), p.image_features, p.image_rows)
-        return self.runtime.to_host(out)
+        cache = self.runner.cache
+        slot = cache.take(n)
+        try:
+            out = self.runner.prefill(p.token_ids, slot, p.image_features, p.image_rows, all_logits=True)
+            return self.runner.to_host(out)
+        finally:
+            cache.release(slot)
 
     def _start(self, conversations, settings: dict):
-        cfg = GenerationConfig(**{k: (tuple(v) if k == "stop" else v) for k, v in settings.items()})
+        stop = settings.get("stop", ())
+        cfg = GenerationConfig(**{**settings, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
         encoded = [self.encode(c) for c in conversations]
-        longest = max(len(e.input_ids) for e in encoded)
-        room = self.context_length - longest
+        room = self.runner.max_seq - max(len(e.input_ids) for e in encoded)
         if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
             cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": room})
-        self.runtime.reserve(len(encoded), longest + cfg.max_new_tokens)
         prompts = [self.prompt(e) for e in encoded]
-        return generate_stream(self.runtime, prompts, cfg, self.eos_ids, self._decode)
+        return generate_stream(self.runner, prompts, cfg, self.eos_ids, self._decode)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def scheduler(self, slots: int | None = None) -> Scheduler:
-        """A continuous-batching scheduler over this pipeline's runtime and its current cache
-        (the server's engine reserves the cache once, then drives this)."""
-        return Scheduler(self.runtime, self.eos_ids, self._decode, slots)
+    def scheduler(self, width: int = 8, sampler=None) -> Scheduler:
+        """A continuous-batching scheduler of `width` sequences at once over this pipeline's
+        runner (the server's engine drives one)."""
+        return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler)
 
     def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one conversation, or for a list of conversations as one batch."""
@@ -269,10 +274,13 @@ def _bar(enabled: bool, what: str):
 
 
 def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-         progress: bool = True) -> Pipeline:
-    """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct"."""
+         progress: bool = True, kv_cache_bytes: int | None = None) -> Pipeline:
+    """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct".
+
+    kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
+    address space on the CPU, where RAM is taken only by tokens in use)."""
     checkpoint = load_checkpoint(model, progress=progress)
-    return Pipeline(checkpoint, compile_options(device, dtype), progress=progress)
+    return Pipeline(checkpoint, compile_options(device, dtype), progress=progress, kv_cache_bytes=kv_cache_bytes)
 
 
 __all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

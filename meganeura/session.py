@@ -73,9 +73,14 @@ class Store:
             self.parameters.pop(name, None)
 
     def state(self, node: Node):
+        """A state's storage: given by its owner (the runner's KV cache), or zeros made here
+        on first use for graphs built by hand."""
         value = self.states.get(node.name)
-        if value is None or tuple(value.shape) != node.shape:
+        if value is None:
             value = self.states[node.name] = self.backend.zeros(node.shape)
+        elif tuple(value.shape) != node.shape:  # never silently replace memory a plan or recording uses
+            raise SessionError(f"state {node.name!r}: the graph wants shape {list(node.shape)}, the store holds "
+                               f"{list(value.shape)}")
         return value
 
 
@@ -147,7 +152,7 @@ class Session:
             self._release_after.setdefault(node, []).append(name)
         self._inputs: dict[str, object] = {}
         self._outputs: list = []
-        self.capture = capture and getattr(self.backend, "can_capture", False)
+        self.capture = capture and self.backend.can_capture
         self._replay = None
         self._recorded_version = None
         self._checked_version = None

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from meganeura.generate import GenerationConfig, TextStream, sample
+from meganeura.engine.sampler import sample
+from meganeura.generate import GenerationConfig, TextStream
 
 # A byte-level "tokenizer": each token is one byte, so multi-byte characters arrive in pieces.
 TEXT = "Café 🐍 naïve — done. STOP here"
@@ -48,8 +49,22 @@ def test_sampling():
         GenerationConfig(top_p=0)
 
 
+@pytest.mark.parametrize("settings, says", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(top_p=float("inf")), "top_p must be a finite number"),
+    (dict(temperature=True), "temperature must be a finite number"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(max_new_tokens="5"), "max_new_tokens must be an integer"),
+    (dict(stop=("",)), "stop must be non-empty strings"),
+])
+def test_settings_are_validated_once_with_the_field_named(settings, says):
+    with pytest.raises(ValueError, match=says):
+        GenerationConfig(**settings)
+
+
 def test_prefill_rows_pad_little_and_bound_the_plan_shapes():
-    from meganeura.generate import prefill_rows
+    from meganeura.engine.runner import prefill_rows
     rows = {n: prefill_rows(n) for n in range(1, 8193)}
     assert all(n <= r < n + max(8, n / 8) for n, r in rows.items())
     assert rows[38] == 40 and rows[875] == 896  # a short chat prompt; the 13-tile image prompt

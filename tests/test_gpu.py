@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from meganeura.runtime import Runtime
+from meganeura.engine.runner import ModelRunner
 from meganeura.session import CompileOptions
 from tiny_models import IMAGE_TOKEN, rel_err, smolvlm_spec, state_dict
 
@@ -37,8 +37,9 @@ def model():
     return m
 
 
-def _runtime(model, dtype):
-    rt = Runtime(smolvlm_spec(model), CompileOptions(backend="torch", device="cuda", dtype=dtype), num_slots=4)
+def _runner(model, dtype):
+    rt = ModelRunner(smolvlm_spec(model), CompileOptions(backend="torch", device="cuda", dtype=dtype),
+                     cache_bytes=2**28)
     rt.load_weights(state_dict(model))
     return rt
 
@@ -54,11 +55,11 @@ def _prompt(rng, images=2, text=30):
 
 def _prefill_logits(model, dtype, ids, pixels, engine):
     if engine == "ours":
-        rt = _runtime(model, dtype)
+        rt = _runner(model, dtype)
         n = len(ids)
-        rt.reserve(1, n)
         feats = rt.encode_images(pixels)
-        out = rt.step(ids, np.arange(n), np.zeros(n), np.arange(n), feats, np.flatnonzero(ids == IMAGE_TOKEN))
+        out = rt.prefill(ids, rt.cache.take(n), feats, np.flatnonzero(ids == IMAGE_TOKEN), all_logits=True)
+        assert out.dtype == torch.float32  # logits leave the LM head in float32 whatever the dtype
         return rt.to_host(out)
     with torch.no_grad():
         return _reference(model, dtype)(input_ids=torch.from_numpy(ids)[None].cuda(), pixel_values=torch.from_numpy(
@@ -77,23 +78,24 @@ def test_prefill_logits_match_transformers(model):
     assert ours_noise <= 1.25 * rel_err(logits["hf", "bfloat16"], logits["hf", "float32"])
 
 
-def _greedy(rt, ids, slot, steps):
+def _greedy(rt, ids, steps):
     """Prefill then `steps` recorded decode steps of one sequence -> its tokens."""
     n = len(ids)
-    tok = int(rt.to_host(rt.step(ids, np.arange(n), np.full(n, slot), [n - 1]))[0].argmax())
+    slot = rt.cache.take(n + steps)
+    tok = int(rt.to_host(rt.prefill(ids, slot))[0].argmax())
     out = [tok]
     for i in range(steps - 1):
-        tok = int(rt.to_host(rt.step([tok], [n + i], [slot], [0]))[0].argmax())
+        tok = int(rt.to_host(rt.decode([tok], [n + i], [slot]))[0].argmax())
         out.append(tok)
+    rt.cache.release(slot)
     return out
 
 
 def test_fp32_greedy_tokens_equal_transformers(model):
     rng = np.random.default_rng()
     ids = rng.integers(3, 500, 40).astype(np.int64)
-    rt, ref_model = _runtime(model, "float32"), _reference(model, "float32")
-    rt.reserve(4, 200)
-    ours = _greedy(rt, ids, 0, 64)
+    rt, ref_model = _runner(model, "float32"), _reference(model, "float32")
+    ours = _greedy(rt, ids, 64)
     with torch.no_grad():
         ref = ref_model.generate(input_ids=torch.from_numpy(ids)[None].cuda(), max_new_tokens=64, min_new_tokens=64,
                                  do_sample=False)[0, len(ids):].tolist()
@@ -105,14 +107,14 @@ def test_batched_recorded_decode_equals_solo(model):
     (fp32: in bf16, cuBLAS may sum in another order for another batch size.)"""
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 500, n).astype(np.int64) for n in (5, 60, 17)]
-    rt = _runtime(model, "float32")
-    rt.reserve(4, 200)
-    solo = [_greedy(rt, p, 3, 12) for p in prompts]
+    rt = _runner(model, "float32")
+    solo = [_greedy(rt, p, 12) for p in prompts]
     toks, lengths = [], [len(p) for p in prompts]
-    for slot, p in enumerate(prompts):
-        toks.append([int(rt.to_host(rt.step(p, np.arange(len(p)), np.full(len(p), slot), [len(p) - 1]))[0].argmax())])
+    slots = [rt.cache.take(len(p) + 12) for p in prompts]
+    for slot, p in zip(slots, prompts):
+        toks.append([int(rt.to_host(rt.prefill(p, slot))[0].argmax())])
     for i in range(11):
-        logits = rt.to_host(rt.step([t[-1] for t in toks], [n + i for n in lengths], [0, 1, 2], [0, 1, 2]))
+        logits = rt.to_host(rt.decode([t[-1] for t in toks], [n + i for n in lengths], slots))
         for t, row in zip(toks, logits):
             t.append(int(row.argmax()))
     assert toks == solo
@@ -125,19 +127,18 @@ def test_overlapped_scheduler_decode_equals_step_by_step(model):
     from meganeura.generate import GenerationConfig, Prompt, drain, generate_stream
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 500, n).astype(np.int64) for n in (5, 60, 17)]
-    rt = _runtime(model, "float32")
-    rt.reserve(4, 200)
-    solo = [_greedy(rt, p, 3, 12) for p in prompts]
+    rt = _runner(model, "float32")
+    solo = [_greedy(rt, p, 12) for p in prompts]
     eos = solo[1][5]
     expected = [s[: s.index(eos)] if eos in s else s for s in solo]
     results = drain(generate_stream(rt, [Prompt(p) for p in prompts], GenerationConfig(max_new_tokens=12), {eos},
                                     lambda ids: ""))
     assert [r.token_ids for r in results] == expected
     assert results[1].finish_reason == "stop"
-    from meganeura.generate import Scheduler
+    from meganeura.engine.scheduler import Scheduler
     sampled = []
     for overlap in (False, True):  # seeded sampling: one draw per sequence and step either way
-        sched = Scheduler(rt, {eos}, lambda ids: "", overlap=overlap)
+        sched = Scheduler(rt, {eos}, lambda ids: "", width=4, overlap=overlap)
         cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=3)
         seqs = [sched.add(Prompt(p), cfg) for p in prompts]
         while not sched.idle:
@@ -149,14 +150,14 @@ def test_overlapped_scheduler_decode_equals_step_by_step(model):
 def test_tokens_chosen_later_keep_their_own_landing_buffer():
     """Two steps' tokens in flight at once: the first handle still reads the first step's."""
     from meganeura.backends.torch_backend import TorchBackend
-    backend = TorchBackend(CompileOptions(backend="torch", device="cuda"))
+    sampler = TorchBackend(CompileOptions(backend="torch", device="cuda")).sampler()
     into = torch.zeros(4, dtype=torch.int64, device="cuda")
     steps = [torch.randn(4, 50, device="cuda") for _ in range(3)]
-    handles = [backend.choose_later(x, [None] * 4, into) for x in steps[:2]]
+    handles = [sampler.choose_later(x, [None] * 4, into) for x in steps[:2]]
     torch.cuda.synchronize()
     for handle, x in zip(handles, steps):
         assert handle.result().tolist() == x.argmax(-1).tolist()
-    assert backend.choose_later(steps[2], [None] * 4, into).result().tolist() == steps[2].argmax(-1).tolist()
+    assert sampler.choose_later(steps[2], [None] * 4, into).result().tolist() == steps[2].argmax(-1).tolist()
 
 
 def test_pipeline_on_gpu_generates_what_the_cpu_pipeline_does(tmp_path):
@@ -182,3 +183,24 @@ def test_pipeline_on_gpu_generates_what_the_cpu_pipeline_does(tmp_path):
     sampled = [pipe.generate(conversations[1], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=5).token_ids
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded sampling on the GPU repeats
+
+
+def test_any_order_of_calls_keeps_working(tmp_path):
+    """Regression: a call needing a bigger cache than the calls before it (a long prompt after
+    a short one, a batch after singles) broke the recorded graphs for good (CUDACachingAllocator
+    assert). The cache is allocated once now; every call equals its answer on a fresh pipeline."""
+    import meganeura
+    from tiny_models import write_tiny_smolvlm_folder
+    folder = os.environ.get("MEGANEURA_TINY_SMOLVLM")
+    if folder is None:
+        write_tiny_smolvlm_folder(tmp_path)
+        folder = tmp_path
+    calls = [([["Hi."]], 8), ([["word " * 300]], 100), ([["Hi."]] * 1 + [["Tell me more."]] * 8, 16), ([["Hi."]], 8)]
+
+    def run(pipe, conversations, n):
+        messages = [[{"role": "user", "content": c[0]}] for c in conversations]
+        return [r.token_ids for r in pipe.generate(messages, max_new_tokens=n, ignore_eos=True)]
+    pipe = meganeura.load(str(folder), device="cuda", dtype="bfloat16", progress=False)
+    got = [run(pipe, c, n) for c, n in calls]
+    fresh = [run(meganeura.load(str(folder), device="cuda", dtype="bfloat16", progress=False), c, n) for c, n in calls]
+    assert got == fresh

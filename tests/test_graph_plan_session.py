@@ -180,10 +180,11 @@ def test_rule_rope_into_cached_attention(mode):
         pos, slots = g.input_u32("pos", [3]), g.input_u32("slots", [3])
         q = g.rope(g.input("q", [3, 4 * 8]), pos, 8, 10000.0)
         k = g.rope(g.input("k", [3, 2 * 8]), pos, 8, 10000.0)
-        caches = [g.state(n, [3, 6, 16]) for n in ("kc", "vc")]
-        return g.cached_attention(q, k, g.input("v", [3, 16]), *caches, slots, pos, 4, 2, mode=mode)
+        caches = [g.state(n, [7, 2, 16]) for n in ("kc", "vc")]
+        table = g.input_u32("table", [3, 3])
+        return g.cached_attention(q, k, g.input("v", [3, 16]), *caches, table, slots, pos, 4, 2, mode=mode)
     feeds = {"q": _r(3, 32), "k": _r(3, 16), "v": _r(3, 16), "pos": np.array([0, 5, 2], np.uint32),
-             "slots": np.array([1, 0, 2], np.uint32)}
+             "slots": np.array([1, 0, 2], np.uint32), "table": np.array([[1, 2, 3], [4, 5, 6], [0, 0, 0]], np.uint32)}
     _compare(build, feeds, "fuse_rope_into_cached_attention")
 
 

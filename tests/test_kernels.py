@@ -67,8 +67,16 @@ def test_swiglu_on_halves_of_a_merged_projection(dtype):
     assert rel_err(host(out), g / (1 + np.exp(-g)) * u) < TOL[dtype]
 
 
-def _cache(slots, max_seq, width, dtype):
-    return dev(rng.standard_normal((slots, max_seq, width)).astype(np.float32), dtype)
+PAGE = 16
+
+
+def _paged_cache(slots, max_seq, width, dtype):
+    """k and v caches as the KV cache lays them out (strided views of one [pages, layers, 2,
+    page, width] storage, random values) and a block table giving each slot shuffled pages."""
+    pages_per_slot = -(-max_seq // PAGE)
+    storage = dev(rng.standard_normal((slots * pages_per_slot + 1, 2, 2, PAGE, width)).astype(np.float32), dtype)
+    table = (1 + rng.permutation(slots * pages_per_slot)).reshape(slots, pages_per_slot)
+    return storage[:, 1, 0], storage[:, 1, 1], table
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,20 +87,21 @@ def test_rope_cache_write(heads, kv_heads, rows, dtype):
     d, theta = 64, 100000.0
     qkv = dev(rng.standard_normal((rows, (heads + 2 * kv_heads) * d)).astype(np.float32), dtype)
     q, k, v = qkv[:, : heads * d], qkv[:, heads * d: (heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]
-    kc, vc = _cache(3, 80, kv_heads * d, dtype), _cache(3, 80, kv_heads * d, dtype)
+    kc, vc, table = _paged_cache(3, 80, kv_heads * d, dtype)
     kc_before, vc_before = host(kc), host(vc)
     if rows == 5:
         slots, positions = np.array([2, 0, 1, 2, 0]), np.array([0, 79, 7, 8, 1])
     else:  # distinct (slot, position) pairs
         slots, positions = np.divmod(rng.permutation(3 * 80)[:rows], 80)
     inv_freq = dev(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-    q_rot, k_rot = rope_cache_write(q, k, v, kc, vc, dev(slots, torch.int64), dev(positions, torch.int64), inv_freq,
-                                    heads, kv_heads, keys_out=True)
+    q_rot, k_rot = rope_cache_write(q, k, v, kc, vc, dev(table, torch.int64), dev(slots, torch.int64),
+                                    dev(positions, torch.int64), inv_freq, heads, kv_heads, keys_out=True)
     assert rel_err(host(q_rot), ref.rotate(host(q), positions, d, theta)) < TOL[dtype]
     assert rel_err(host(k_rot), ref.rotate(host(k), positions, d, theta)) < TOL[dtype]
     expected_k, expected_v = kc_before.copy(), vc_before.copy()
-    expected_k[slots, positions] = ref.rotate(host(k), positions, d, theta)
-    expected_v[slots, positions] = host(v)
+    at = ref.cache_index(table, slots, positions, PAGE)
+    expected_k[at] = ref.rotate(host(k), positions, d, theta)
+    expected_v[at] = host(v)
     assert rel_err(host(kc), expected_k) < TOL[dtype]
     assert np.array_equal(host(vc), expected_v)  # v is copied, untouched elsewhere
 
@@ -103,32 +112,34 @@ def test_decode_attention(heads, kv_heads, splits, dtype):
     from meganeura.kernels.decode_attention import decode_attention
     d, max_seq = 64, 300
     slots = np.array([3, 0, 2])
-    positions = np.array([0, 299, 130])  # a first token, a full cache, one mid-way
+    positions = np.array([0, 299, 130])  # a first token, a full slot, one mid-way
     q = dev(rng.standard_normal((3, heads * d)).astype(np.float32), dtype)
-    kc, vc = _cache(4, max_seq, kv_heads * d, dtype), _cache(4, max_seq, kv_heads * d, dtype)
-    out = decode_attention(q, kc, vc, dev(slots, torch.int64), dev(positions, torch.int64), heads, kv_heads,
-                           splits=splits)
+    kc, vc, table = _paged_cache(4, max_seq, kv_heads * d, dtype)
+    out = decode_attention(q, kc, vc, dev(table, torch.int64), dev(slots, torch.int64), dev(positions, torch.int64),
+                           heads, kv_heads, splits=splits)
     # the reference writes k, v first: give it the values already in the cache at those rows
     kh, vh = host(kc), host(vc)
+    at = ref.cache_index(table, slots, positions, PAGE)
     expected = ref.op_cached_attention(
         node("cached_attention", num_heads=heads, num_kv_heads=kv_heads, rope_theta=None, mode="decode"),
-        host(q), kh[slots, positions], vh[slots, positions], kh, vh, slots, positions)
+        host(q), kh[at], vh[at], kh, vh, table, slots, positions)
     assert rel_err(host(out), expected) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4])
-@pytest.mark.parametrize("shape,norm,gated,residual", [
-    ((100, 96), False, False, False), ((130, 64), True, False, False), ((70, 80), False, True, True),
-    ((20, 300), True, False, True)])
-def test_gemv(rows, shape, norm, gated, residual, dtype):
+@pytest.mark.parametrize("shape,norm,gated,residual,float_out", [
+    ((100, 96), False, False, False, False), ((130, 64), True, False, False, True),
+    ((70, 80), False, True, True, False), ((20, 300), True, False, True, False)])
+def test_gemv(rows, shape, norm, gated, residual, float_out, dtype):
     from meganeura.kernels.gemv import gemv
     n, k = shape
     x = dev(rng.standard_normal((rows, 2 * k if gated else k)).astype(np.float32), dtype)
     w = dev(rng.standard_normal((n, k)).astype(np.float32), dtype)
     g = dev(rng.standard_normal(k).astype(np.float32), dtype) if norm else None
     r = dev(rng.standard_normal((rows, n)).astype(np.float32), dtype) if residual else None
-    out = gemv(x, w, residual=r, norm=g, eps=1e-5, gated=gated)
+    out = gemv(x, w, residual=r, norm=g, eps=1e-5, gated=gated, float_out=float_out)
+    assert out.dtype == (torch.float32 if float_out else dtype)
     h = host(x)
     if gated:
         h = h[:, :k] / (1 + np.exp(-h[:, :k])) * h[:, k:]

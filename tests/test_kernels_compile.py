@@ -12,16 +12,17 @@ import sys
 import pytest
 
 FP32_POINTERS = {"m_ptr", "l_ptr", "acc_ptr", "inv_freq_ptr"}
-INDEX_POINTERS = {"slots_ptr", "positions_ptr"}
+INDEX_POINTERS = {"slots_ptr", "positions_ptr", "table_ptr"}
 FLOATS = {"eps", "scale"}
 GEMV = dict(K=960, NORM=False, GATED=False, RESIDUAL=False, BM=1, BN=2, BK=1024, PDL=True)
 CASES = [  # (module, kernel, constants)
     ("gemv", "_gemv_kernel", {**GEMV, "NORM": True}),
     ("gemv", "_gemv_kernel", {**GEMV, "K": 2560, "GATED": True, "RESIDUAL": True}),
     ("gemv", "_gemv_kernel", {**GEMV, "BN": 8, "BK": 512, "BM": 4, "PDL": False}),
-    ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=1, K_OUT=False, PDL=True)),
-    ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=20, K_OUT=True, PDL=False)),
-    ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=16, BLOCK=64, PDL=True)),
+    ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=1, K_OUT=False, PAGE=16, PDL=True)),
+    ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=20, K_OUT=True, PAGE=16, PDL=False)),
+    ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=16, BLOCK=64, PAGE=16,
+                                               PDL=True)),
     ("decode_attention", "_merge_kernel", dict(H=15, D=64, SPLITS=16, SP=16, PDL=True)),
     ("add_layer_norm", "_add_layer_norm_kernel", dict(ROWS=4, BLOCK=1024)),
     ("rms_norm", "_rms_norm_kernel", dict(BLOCK=1024)),

@@ -7,7 +7,7 @@ import torch
 from meganeura import CompileOptions, Graph, build_inference_session
 from meganeura.models import smollm2
 from meganeura.models.smolvlm2 import (SmolVLM2Config, build_graph, build_vision_encoder, connector)
-from meganeura.runtime import Runtime
+from meganeura.engine.runner import ModelRunner
 from meganeura.weights import WeightsError
 from tiny_models import (IMAGE_TOKEN, llama_spec, rel_err, smolvlm_spec, state_dict, tiny_llama, tiny_smolvlm)
 
@@ -79,7 +79,7 @@ def test_vision_graph_with_padding_matches_transformers(vlm, backend):
     mask[1, :40, :56] = 1            # smaller, non-square valid region
     mask[2, :size, :24] = 1          # a tall strip
     pixels *= mask[:, None]
-    rt = Runtime(smolvlm_spec(vlm), CompileOptions(backend=backend), max_seq=64)
+    rt = ModelRunner(smolvlm_spec(vlm), CompileOptions(backend=backend))
     rt.load_weights(state_dict(vlm))
     out = rt.to_host(rt.encode_images(pixels, mask))
     with torch.no_grad():
@@ -108,15 +108,16 @@ def test_smolvlm_prefill_and_decode_match_transformers(vlm, backend):
         full = torch.from_numpy(np.concatenate([ids, extra]))[None]
         ref = vlm(input_ids=full, pixel_values=torch.from_numpy(pixels)[None]).logits[0].numpy()
 
-    rt = Runtime(smolvlm_spec(vlm), CompileOptions(backend=backend), max_seq=128)
+    rt = ModelRunner(smolvlm_spec(vlm), CompileOptions(backend=backend))
     rt.load_weights(state_dict(vlm))
     features = rt.encode_images(pixels)
     n = len(ids)
     image_rows = np.flatnonzero(ids == IMAGE_TOKEN)
-    logits = rt.to_host(rt.step(ids, np.arange(n), np.zeros(n), np.arange(n), features, image_rows))
+    slot = rt.cache.take(n + len(extra))
+    logits = rt.to_host(rt.prefill(ids, slot, features, image_rows, all_logits=True))
     assert rel_err(logits, ref[:n]) < TOL
     for i, tok in enumerate(extra):
-        step = rt.to_host(rt.step([tok], [n + i], [0], [0]))
+        step = rt.to_host(rt.decode([tok], [n + i], [slot]))
         assert rel_err(step[0], ref[n + i]) < TOL, f"decode step {i}"
 
 
@@ -154,32 +155,39 @@ def test_llama_forward_and_cached_decode_match_transformers(backend, tie):
     s.run()
     assert rel_err(s.read_output(), ref) < TOL
 
-    rt = Runtime(llama_spec(model), CompileOptions(backend=backend), max_seq=32)
+    rt = ModelRunner(llama_spec(model), CompileOptions(backend=backend))
     rt.load_weights(weights)
-    last = rt.to_host(rt.step(ids[:12], np.arange(12), np.zeros(12), [11]))
+    slot = rt.cache.take(20)
+    last = rt.to_host(rt.prefill(ids[:12], slot))
     assert rel_err(last[0], ref[11]) < TOL
     for p in range(12, 20):
-        step = rt.to_host(rt.step(ids[p:p + 1], [p], [0], [0]))
+        step = rt.to_host(rt.decode(ids[p:p + 1], [p], [slot]))
         assert rel_err(step[0], ref[p]) < TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_decode_equals_single_sequences(lm, backend):
-    """Two sequences in two cache slots decoded in one step give each one's own logits."""
-    rt = Runtime(llama_spec(lm), CompileOptions(backend=backend), max_seq=32, num_slots=2)
+    """Two sequences in two cache slots decoded in one step give each one's own logits; the
+    first one's pages are not in order (a page freed by a third sequence is reused)."""
+    rt = ModelRunner(llama_spec(lm), CompileOptions(backend=backend))
     rt.load_weights(state_dict(lm))
-    a, b = np.arange(5, 15), np.arange(100, 106)
+    a, b = np.arange(5, 45), np.arange(100, 106)
     with torch.no_grad():
         ref_a = lm(torch.from_numpy(a)[None]).logits[0, -1].numpy()
         ref_b = lm(torch.from_numpy(b)[None]).logits[0, -1].numpy()
-    rt.step(a[:-1], np.arange(9), np.zeros(9), [8])
-    rt.step(b[:-1], np.arange(5), np.ones(5), [4])
-    both = rt.to_host(rt.step([a[-1], b[-1]], [9, 5], [0, 1], [0, 1]))
+    gap = rt.cache.take(20)
+    sb = rt.cache.take(len(b))
+    rt.cache.release(gap)
+    sa = rt.cache.take(len(a))  # pages 1, 2, then 4 after b's page 3
+    assert list(rt.cache.table[sa, :3]) == [1, 2, 4]
+    rt.prefill(a[:-1], sa)
+    rt.prefill(b[:-1], sb)
+    both = rt.to_host(rt.decode([a[-1], b[-1]], [len(a) - 1, len(b) - 1], [sa, sb]))
     assert rel_err(both[0], ref_a) < TOL and rel_err(both[1], ref_b) < TOL
 
 
 def test_checkpoint_mismatch_lists_names(vlm):
-    rt = Runtime(smolvlm_spec(vlm), max_seq=16)
+    rt = ModelRunner(smolvlm_spec(vlm))
     weights = state_dict(vlm)
     weights.pop("model.connector.modality_projection.proj.weight")
     weights["model.extra.weight"] = np.zeros(3, np.float32)
@@ -192,23 +200,27 @@ def test_checkpoint_mismatch_lists_names(vlm):
         assert part in msg
 
 
-def test_runtime_refuses_out_of_range_indices(lm):
-    rt = Runtime(llama_spec(lm), CompileOptions(backend="numpy"))
+def test_runner_refuses_out_of_range_indices(lm):
+    rt = ModelRunner(llama_spec(lm), CompileOptions(backend="numpy"))
     rt.load_weights(state_dict(lm))
+    slot = rt.cache.take(20)  # two pages of 16 tokens
     with pytest.raises(ValueError, match=r"token id 300 is outside \[0, 300\)"):
-        rt.step([1, 300], [0, 1], [0, 0], [1])
-    with pytest.raises(ValueError, match=r"position 256 is outside \[0, 256\) \(reserve\(\) a larger cache\)"):
-        rt.step([1], [256], [0], [0])
-    with pytest.raises(ValueError, match=r"2 token ids but 1 positions and 2 slots"):
-        rt.step([1, 2], [0], [0, 0], [1])
+        rt.prefill([1, 300], slot)
+    with pytest.raises(ValueError, match=r"position 32 is outside slot 0's 32 tokens"):
+        rt.decode([1], [32], [slot])
+    with pytest.raises(ValueError, match=r"slot 1's 0 tokens"):  # a slot that holds no pages
+        rt.decode([1], [0], [1])
+    with pytest.raises(ValueError, match=r"2 tokens, 1 positions and 2 slots"):
+        rt.decode([1, 2], [0], [0, 1])
+    with pytest.raises(ValueError, match=r"prefill: 40 tokens, but slot 0 holds 32"):
+        rt.prefill(np.ones(40), slot)
 
 
-def test_runtime_releases_only_weights_that_live_on_inside_merged_constants(vlm):
-    rt = Runtime(smolvlm_spec(vlm), CompileOptions(backend="numpy"))
+def test_runner_releases_only_weights_that_live_on_inside_merged_constants(vlm):
+    rt = ModelRunner(smolvlm_spec(vlm), CompileOptions(backend="numpy"))
     weights = state_dict(vlm)
     rt.load_weights(weights)
-    rt.reserve(1, 16)
-    rt.step([1, 2, 3], [0, 1, 2], [0, 0, 0], [2])
+    rt.prefill([1, 2, 3], rt.cache.take(3))
     released = set(rt.store.sources) - set(rt.store.parameters)
     merged = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     assert released and all("text_model" in n and any(m in n for m in merged) for n in released)

@@ -84,16 +84,18 @@ def test_torch_matches_numpy(case):
 
 
 def test_cached_attention_writes_then_reads():
-    """A prefill into slot 1 and a decode row agree between backends, and match plain causal attention."""
+    """A prefill into slot 1 (pages 3, 1, 2 of 2 tokens: out of order) and a decode row agree
+    between backends, and match plain causal attention."""
     q, k, v = f32(5, 16), f32(5, 8), f32(5, 8)
 
     def graph(g):
-        kc, vc = g.state("k", [2, 8, 8]), g.state("v", [2, 8, 8])
+        kc, vc = g.state("k", [4, 2, 8]), g.state("v", [4, 2, 8])
         return g.cached_attention(_leaf(g, "q", q), _leaf(g, "k_new", k), _leaf(g, "v_new", v), kc, vc,
-                                  g.input_u32("slots", [5]), g.input_u32("positions", [5]), 2, 1)
+                                  g.input_u32("table", [2, 3]), g.input_u32("slots", [5]),
+                                  g.input_u32("positions", [5]), 2, 1)
 
-    feeds = {"q": q, "k_new": k, "v_new": v, "slots": np.ones(5, np.uint32),
-             "positions": np.arange(5, dtype=np.uint32)}
+    feeds = {"q": q, "k_new": k, "v_new": v, "table": np.array([[0, 0, 0], [3, 1, 2]], np.uint32),
+             "slots": np.ones(5, np.uint32), "positions": np.arange(5, dtype=np.uint32)}
     ref = _run(lambda g: g.causal_attention(_leaf(g, "q", q), _leaf(g, "k", k), _leaf(g, "v", v), 2, 1),
                {"q": q, "k": k, "v": v}, "numpy")
     for backend in ("numpy", "torch"):
@@ -118,10 +120,11 @@ def test_masked_cache_attention_fallback_matches_the_reference():
     from meganeura.backends.torch_backend import attend_cache_masked
     from meganeura.graph import Node
     heads, kv, d = 6, 2, 48
-    kc, vc, q = f32(3, 20, kv * d), f32(3, 20, kv * d), f32(3, heads * d)
-    slots, positions = np.array([2, 0, 1]), np.array([19, 0, 7])
-    out = attend_cache_masked(*(torch.from_numpy(a) for a in (q, kc, vc, slots, positions)), heads, kv)
+    kc, vc, q = f32(7, 4, kv * d), f32(7, 4, kv * d), f32(3, heads * d)
+    table = np.array([[1, 2, 3, 0, 0], [6, 0, 0, 0, 0], [5, 4, 0, 0, 0]])  # slots of 12, 1 and 8 tokens
+    slots, positions = np.array([0, 1, 2]), np.array([11, 0, 7])
+    out = attend_cache_masked(*(torch.from_numpy(a) for a in (q, kc, vc, table, slots, positions)), heads, kv)
     node = Node("cached_attention", (), (), "f32", dict(num_heads=heads, num_kv_heads=kv, rope_theta=None, mode="decode"))
-    expected = ref.op_cached_attention(node, q, kc[slots, positions], vc[slots, positions], kc.copy(), vc.copy(),
-                                       slots, positions)
+    at = ref.cache_index(table, slots, positions, 4)
+    expected = ref.op_cached_attention(node, q, kc[at], vc[at], kc.copy(), vc.copy(), table, slots, positions)
     assert rel_err(out.numpy(), expected) < 1e-5

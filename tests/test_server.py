@@ -17,7 +17,7 @@ import pytest
 
 import meganeura
 from meganeura.models.smolvlm2 import SmolVLM2Config
-from meganeura.server.config import cache_context
+from meganeura.server.config import request_context
 from test_server_helpers import MODEL, data_url, flat_png, png_bytes, serving, sse, user
 from tiny_models import write_tiny_smolvlm_folder
 
@@ -29,9 +29,7 @@ PHOTO = png_bytes(90, 60)
 def pipe(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-smolvlm")
     write_tiny_smolvlm_folder(folder)
-    p = meganeura.load(str(folder), device="cpu", progress=False)
-    p.runtime.reserve(SLOTS, 512)  # the servers below use the same cache: solo answers run at its width
-    return p
+    return meganeura.load(str(folder), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +195,19 @@ def test_health_and_page(strict):
     assert "/v1/chat/completions" in page.text
 
 
-def test_default_context_keeps_the_kv_cache_within_budget():
-    text = SmolVLM2Config.smolvlm2_500m().text  # 32 layers x 320 kv features: 80 KiB a token in fp32
-    assert cache_context(text, "float32", 8, None) == 3072
-    assert cache_context(text, "bfloat16", 8, None) == 6400
-    assert cache_context(text, "float32", 1, None) == 8192  # the model's own context fits
-    assert cache_context(text, "float32", 8, 5000) == 5000
-    with pytest.raises(ValueError, match="exceeds the model's context"):
-        cache_context(text, "float32", 8, 9000)
+def test_request_context_is_the_model_context_within_what_the_cache_holds(tmp_path):
+    folder = tmp_path / "tiny"
+    write_tiny_smolvlm_folder(folder)
+    roomy = meganeura.load(str(folder), device="cpu", progress=False)
+    assert request_context(roomy.runner, None) == 512  # the tiny model's context
+    assert request_context(roomy.runner, 300) == 300
+    with pytest.raises(ValueError, match="exceeds the 512 tokens"):
+        request_context(roomy.runner, 600)
+    per_token = roomy.runner.bytes_per_token
+    small = meganeura.load(str(folder), device="cpu", progress=False, kv_cache_bytes=per_token * 16 * 20)
+    assert small.runner.cache.capacity_tokens == 320 and request_context(small.runner, None) == 320
+    with pytest.raises(ValueError, match="the KV cache holds 320"):
+        request_context(small.runner, 400)
 
 
 def test_cli_serve_listens_on_loopback_and_answers(pipe):
@@ -233,4 +236,4 @@ def test_cli_serve_listens_on_loopback_and_answers(pipe):
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
-    assert "serving" in err and "2 slots of 256 tokens" in err
+    assert "serving" in err and "2 sequences at once, 256 tokens each" in err

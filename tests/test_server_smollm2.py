@@ -21,9 +21,7 @@ LONG = "Write a very long story about a dragon who learns to bake bread."
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False)
-    p.runtime.reserve(SLOTS, CONTEXT)  # the servers below use the same cache: solo answers run at its width
-    return p
+    return meganeura.load("smollm2-135m-instruct", device="cpu", progress=False)
 
 
 def solo(pipe, question, max_tokens):
@@ -32,7 +30,7 @@ def solo(pipe, question, max_tokens):
 
 def test_scheduler_joins_and_leaves_between_steps(pipe):
     expected = [solo(pipe, q, 4 + 2 * i) for i, q in enumerate(QUESTIONS)]
-    sched = pipe.scheduler()
+    sched = pipe.scheduler(SLOTS)
     prompts = [pipe.prompt(pipe.encode([user(q)])) for q in QUESTIONS]
     seqs = [sched.add(prompts[0], GenerationConfig(max_new_tokens=4))]
     sched.step()

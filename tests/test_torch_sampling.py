@@ -1,19 +1,26 @@
-"""Device-side token choice against the host reference `generate.sample`."""
+"""Device-side token choice against the host reference `engine.sampler.sample`."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from meganeura.backends.torch_sampling import choose  # noqa: E402
-from meganeura.generate import GenerationConfig, Prompt, sample  # noqa: E402
+from meganeura.backends.torch_backend import TorchBackend  # noqa: E402
+from meganeura.backends.torch_sampling import DeviceSampler  # noqa: E402
+from meganeura.engine.sampler import sample  # noqa: E402
+from meganeura.generate import GenerationConfig, Prompt  # noqa: E402
+from meganeura.session import CompileOptions  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+SAMPLER = DeviceSampler(TorchBackend(CompileOptions(backend="torch", device=DEVICE)))
+choose = SAMPLER.choose
+
+
 class Seq:
-    def __init__(self, cfg, history=(), seed=0):
-        self.cfg, self.rng = cfg, np.random.default_rng(seed)
+    def __init__(self, cfg, history=()):
+        self.cfg, self.rng = cfg, np.random.default_rng(cfg.seed)
         self.prompt = Prompt(np.array(history[:2], dtype=np.int64))
         self.tokens = list(history[2:])
 
@@ -35,7 +42,7 @@ def test_sampling_follows_temperature_top_k_and_top_p():
     appear in proportion to their renormalized probabilities."""
     logits = torch.tensor([[3.0, 2.0, 1.5, 1.0, 0.0, -1.0]], device=DEVICE)
     cfg = GenerationConfig(temperature=0.8, top_k=4, top_p=0.9, seed=7)
-    seq = Seq(cfg, seed=7)
+    seq = Seq(cfg)
     draws = np.array([choose(logits, [seq])[0] for _ in range(3000)])
     p = np.exp(np.array([3.0, 2.0, 1.5, 1.0]) / 0.8)
     p /= p.sum()
@@ -49,16 +56,16 @@ def test_sampling_follows_temperature_top_k_and_top_p():
 
 def test_seeded_sampling_repeats():
     logits = torch.randn(1, 300, device=DEVICE)
-    runs = [[choose(logits, [s])[0] for _ in range(20)] for s in (Seq(GenerationConfig(temperature=1.0), seed=3),
-                                                                   Seq(GenerationConfig(temperature=1.0), seed=3))]
+    runs = [[choose(logits, [s])[0] for _ in range(20)] for s in (Seq(GenerationConfig(temperature=1.0, seed=3)),
+                                                                   Seq(GenerationConfig(temperature=1.0, seed=3)))]
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth_and_top_p_one_cuts_nothing():
     logits = torch.tensor([[2.0, 2.0, 1.0, -30.0]], device=DEVICE)
-    seq = Seq(GenerationConfig(temperature=1.0, top_k=1, seed=1), seed=1)
+    seq = Seq(GenerationConfig(temperature=1.0, top_k=1, seed=1))
     draws = {choose(logits, [seq])[0] for _ in range(200)}
     assert draws == {0, 1}  # the host sampler keeps both tied tokens too
-    tail = Seq(GenerationConfig(temperature=1.0, top_p=1.0, seed=2), seed=2)
+    tail = Seq(GenerationConfig(temperature=1.0, top_p=1.0, seed=2))
     flat = torch.zeros(1, 50, device=DEVICE)  # float32 cumsum may reach 1 early: top_p=1 must not cut
     assert len({choose(flat, [tail])[0] for _ in range(400)}) > 40

@@ -8,7 +8,7 @@ import torch
 from meganeura.models import llama, smollm2
 from meganeura.models.smolvlm2 import NAMES as VLM_NAMES
 from meganeura.models.smolvlm2 import SmolVLM2Config
-from meganeura.runtime import ModelSpec
+from meganeura.engine.runner import ModelSpec
 
 IMAGE_TOKEN = 250
 
@@ -23,7 +23,7 @@ def tiny_llama(tie: bool = False, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_smolvlm(seed: int = 0):
+def tiny_smolvlm(seed: int = 0, context: int = 512):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -32,7 +32,7 @@ def tiny_smolvlm(seed: int = 0):
                            num_hidden_layers=2, intermediate_size=64, hidden_act="gelu_pytorch_tanh"),
         text_config=dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rope_theta=10000.0, max_position_embeddings=512, rms_norm_eps=1e-5),
+                         rope_theta=10000.0, max_position_embeddings=context, rms_norm_eps=1e-5),
         scale_factor=2, image_token_id=IMAGE_TOKEN, tie_word_embeddings=False)
     model = SmolVLMForConditionalGeneration(cfg).eval()
     # Random init leaves some norms at exactly 1/0; perturb every tensor so nothing is trivially matched.
@@ -69,7 +69,7 @@ SMOLVLM_SPECIALS = (["<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7
                     + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
 
 
-def write_tiny_smolvlm_folder(folder, seed: int = 0):
+def write_tiny_smolvlm_folder(folder, seed: int = 0, context: int = 512):
     """A complete tiny SmolVLM checkpoint folder, as a user would download one: weights via
     save_pretrained, tokenizer.json (SmolLM2's vocabulary from the shipped GGUF plus SmolVLM's
     special tokens), the chat template and processor configs sized for a 64-pixel encoder.
@@ -82,7 +82,7 @@ def write_tiny_smolvlm_folder(folder, seed: int = 0):
 
     tokenizer = load_checkpoint("smollm2-135m-instruct", progress=False).tokenizer
     tokenizer.add_special_tokens(SMOLVLM_SPECIALS)
-    model = tiny_smolvlm(seed)
+    model = tiny_smolvlm(seed, context)
     model.config.image_token_id = tokenizer.token_to_id("<image>")
     model.config.text_config.vocab_size = 49280
     model.resize_token_embeddings(49280, mean_resizing=False)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ..engine.kv_cache import release_pages
 from ..graph import Node
 
 
@@ -48,7 +49,11 @@ def op_linear(node, x, w, *extra):
     if a["gated"]:
         k = w.shape[1]
         x = silu(x[:, :k]) * x[:, k:]
-    out = x @ w.T
+    if a["batch_invariant"] and len(x) != 2:  # as the torch backend: rows in pairs, alike in any batch
+        pairs = [x[i:i + 2] if i + 1 < len(x) else np.repeat(x[i:], 2, axis=0) for i in range(0, len(x), 2)]
+        out = np.concatenate([p @ w.T for p in pairs])[:len(x)]
+    else:
+        out = x @ w.T
     for e in (bias, residual):
         if e is not None:
             out = out + e
@@ -71,18 +76,26 @@ def op_attention(node: Node, q, k, v, key_mask=None):
     return np.concatenate(outs, axis=0)
 
 
-def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
+def cache_index(block_table, slots, positions, page_size: int):
+    """(page, row in page) of each (slot, position): where the paged cache keeps that token."""
+    return block_table[slots, positions // page_size], positions % page_size
+
+
+def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slots, positions):
     a = node.attrs
     heads, kv_heads = a["num_heads"], a["num_kv_heads"]
     if a["rope_theta"] is not None:
         d = q.shape[1] // heads
         q, k = rotate(q, positions, d, a["rope_theta"]), rotate(k, positions, d, a["rope_theta"])
-    k_cache[slots, positions] = k
-    v_cache[slots, positions] = v
+    page_size = k_cache.shape[1]
+    at = cache_index(block_table, slots, positions, page_size)
+    k_cache[at] = k
+    v_cache[at] = v
     out = np.empty_like(q)
     for i, (slot, pos) in enumerate(zip(slots, positions)):
-        keys = _expand_kv(k_cache[slot, : pos + 1], heads, kv_heads)
-        values = _expand_kv(v_cache[slot, : pos + 1], heads, kv_heads)
+        seq = cache_index(block_table, np.full(pos + 1, slot), np.arange(pos + 1), page_size)
+        keys = _expand_kv(k_cache[seq], heads, kv_heads)
+        values = _expand_kv(v_cache[seq], heads, kv_heads)
         out[i] = _softmax_attend(_heads(q[i : i + 1], heads), keys, values, np.float32(0))[0]
     return out
 
@@ -208,6 +221,26 @@ class NumpyBackend:
 
     def zeros(self, shape) -> np.ndarray:
         return np.zeros(shape, np.float32)
+
+    # ---- the KV cache's memory (engine/kv_cache.py) --------------------------------------
+    def cache_storage(self, shape) -> np.ndarray:
+        return np.zeros(shape, np.float32)  # calloc: pages cost RAM once written
+
+    def forget_pages(self, storage: np.ndarray, pages: list[int]) -> None:
+        release_pages(storage.ctypes.data, storage[0].nbytes, pages)
+
+    def free_memory(self) -> None:
+        return None  # host memory: the cache's budget is address space
+
+    # ---- choosing tokens ------------------------------------------------------------------
+    can_capture = False
+
+    def owns(self, value) -> bool:
+        return False  # tokens always come from the host
+
+    def sampler(self):
+        from ..engine.sampler import HostSampler
+        return HostSampler(self)
 
     def run(self, node: Node, args: list):
         out = OPS[node.op](node, *args)

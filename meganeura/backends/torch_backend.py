@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.kv_cache import release_pages
 from ..graph import Node
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,50 +100,62 @@ def op_rope(node: Node, x, positions=None):
     return rotate(x, positions, node.attrs["head_dim"], node.attrs["theta"])
 
 
-def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, slots, positions):
+def cache_index(block_table, slots, positions, page_size: int):
+    """(page, row in page) of each (slot, position): where the paged cache keeps that token."""
+    return block_table[slots, positions // page_size], positions % page_size
+
+
+def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slots, positions):
     a = node.attrs
     heads, kv_heads, theta, mode = a["num_heads"], a["num_kv_heads"], a["rope_theta"], a["mode"]
     d = q.shape[1] // heads
     kernels = _fast(q) and _kernel_head_dim(d)
     if kernels and theta is not None:
         from ..kernels.rope_cache import rope_cache_write
-        q = rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, _inv_freq(theta, d, q.device), heads,
-                             kv_heads, keys_out=mode == "prefill")
+        q = rope_cache_write(q, k, v, k_cache, v_cache, block_table, slots, positions, _inv_freq(theta, d, q.device),
+                             heads, kv_heads, keys_out=mode == "prefill")
         if mode == "prefill":  # the rotated keys, also written out beside the cache
             q, k = q
     else:
         if theta is not None:
             q, k = rotate(q, positions, d, theta), rotate(k, positions, d, theta)
-        k_cache[slots, positions] = k.to(k_cache.dtype)
-        v_cache[slots, positions] = v.to(v_cache.dtype)
+        at = cache_index(block_table, slots, positions, k_cache.shape[1])
+        k_cache[at] = k.to(k_cache.dtype)
+        v_cache[at] = v.to(v_cache.dtype)
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
-        return decode_attention(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+        return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
     if mode == "decode" and q.is_cuda:  # no kernel for this head size: stay recordable
-        return attend_cache_masked(q, k_cache, v_cache, slots, positions, heads, kv_heads)
-    return _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads)
+        return attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
+    return _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
 
 
-def attend_cache_masked(q, k_cache, v_cache, slots, positions, heads, kv_heads):
-    """One row per sequence over its whole cache slot, masked past its position on the
-    device: slower than the decode kernel, but nothing is read back to the host."""
-    keys = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= positions[:, None]  # [rows, max_seq]
-    return _sdpa(q[:, None], k_cache[slots], v_cache[slots], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
+def attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):
+    """One row per sequence over every token its slot can hold, masked past its position on
+    the device: slower than the decode kernel, but nothing is read back to the host."""
+    page_size = k_cache.shape[1]
+    tokens = torch.arange(block_table.shape[1] * page_size, device=q.device)
+    at = cache_index(block_table, slots[:, None], tokens[None, :], page_size)  # [rows, max_seq] each
+    keys = tokens[None, :] <= positions[:, None]
+    return _sdpa(q[:, None], k_cache[at], v_cache[at], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
 
 
-def _attend_cache(q, k_cache, v_cache, slots, positions, heads, kv_heads):
-    """Any mix of rows, one attention per slot: reads the slots on the host (free on CPU)."""
+def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):
+    """Any mix of rows, one attention per slot: reads the slots on the host (free on CPU).
+    A row's keys are gathered from its pages, only as far as its slot's rows reach."""
     out = torch.empty_like(q)
     slot_list = slots.tolist()
     for slot in sorted(set(slot_list)):
         rows = [i for i, s in enumerate(slot_list) if s == slot]
         idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
         length = int(positions[idx].max()) + 1
-        mask = torch.arange(length, device=q.device)[None, :] <= positions[idx][:, None]  # [rows, length]
-        out[idx] = _sdpa(q[idx][None], k_cache[slot, :length][None], v_cache[slot, :length][None],
-                         heads, kv_heads, mask=mask[None, None])[0]
+        tokens = torch.arange(length, device=q.device)
+        at = block_table[slot, tokens // k_cache.shape[1]], tokens % k_cache.shape[1]
+        mask = tokens[None, :] <= positions[idx][:, None]  # [rows, length]
+        out[idx] = _sdpa(q[idx][None], k_cache[at][None], v_cache[at][None], heads, kv_heads,
+                         mask=mask[None, None])[0]
     return out
 
 
@@ -155,7 +168,7 @@ def op_linear(node: Node, x, w, *extra):
     if _fast(x) and bias is None and not a["gelu"] and x.stride(-1) == 1:
         from ..kernels.gemv import MAX_ROWS, gemv
         if x.shape[0] <= MAX_ROWS:
-            return gemv(x, w, residual, norm, a["eps"], a["gated"])
+            return gemv(x, w, residual, norm, a["eps"], a["gated"], float_out=a["float_out"])
     if norm is not None:
         x = rms_norm(x, norm, a["eps"])
     if a["gated"]:
@@ -165,9 +178,39 @@ def op_linear(node: Node, x, w, *extra):
             return torch._addmm_activation(bias, x, w.T, use_gelu=True)
         # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
         return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
-    out = x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+    def product(rows):
+        if a["float_out"] and rows.dtype != torch.float32:
+            out = _product_f32(rows, w)
+            return out if bias is None else out + bias.float()
+        return rows @ w.T if bias is None else torch.addmm(bias, rows, w.T)
+
+    if a["batch_invariant"] and not x.is_cuda and x.shape[0] != 2:
+        # The CPU's BLAS takes another kernel for one row than for several, and several rows'
+        # results can depend on the row count: products of exactly two rows (a lone row is
+        # doubled) give every row the same arithmetic whatever else is in the batch.
+        pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].expand(2, -1) for i in range(0, len(x), 2)]
+        out = torch.cat([product(p) for p in pairs])[:len(x)]
+    else:
+        out = product(x)
     # the residual is added to the rounded product, as transformers adds in the model's dtype
     return out if residual is None else out.add_(residual)
+
+
+def _product_f32(x, w):
+    """x @ w.T in float32 from half-precision operands: accumulated and returned in float32
+    (cuBLAS's out_dtype on CUDA; upcast operands elsewhere)."""
+    if x.is_cuda and _mm_out_dtype(x.device):
+        return torch.mm(x, w.T, out_dtype=torch.float32)
+    return x.float() @ w.float().T
+
+
+@functools.cache
+def _mm_out_dtype(device: torch.device) -> bool:
+    try:
+        a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
 
 
 def rms_norm(x, w, eps: float):
@@ -243,17 +286,6 @@ OPS = {
 }
 
 
-class _HostTokens:
-    """Token ids on their way to the host: result() waits for their copy only."""
-
-    def __init__(self, tokens, done) -> None:
-        self.tokens, self.done = tokens, done
-
-    def result(self) -> np.ndarray:
-        self.done.synchronize()
-        return self.tokens.numpy().copy()
-
-
 class TorchBackend:
     name = "torch"
 
@@ -266,7 +298,6 @@ class TorchBackend:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
         self._staging: dict[tuple, tuple] = {}  # (device buffer, source dtype) -> (pinned buffer, copy event)
-        self._sampling: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
@@ -286,38 +317,14 @@ class TorchBackend:
     def can_capture(self) -> bool:
         return self.device.type == "cuda"
 
-    @property
-    def samples_on_device(self) -> bool:
+    def sampler(self):
         """On a GPU, tokens are chosen there (one small copy back, not a logits row each);
         on the CPU the host sampler is as fast and keeps numpy's random stream."""
-        return self.device.type == "cuda"
-
-    def choose_tokens(self, logits: torch.Tensor, sequences) -> list[int]:
-        from .torch_sampling import choose
-        return choose(logits, sequences)
-
-    def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
-        """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
-        greedily) into the device buffer `into` (the next step's input tokens), without
-        waiting for the GPU: settings go up through pinned memory and the tokens come back
-        the same way. Returns a handle whose result() waits for that copy only. No
-        repetition penalty here: it needs the host's view of every token so far."""
-        from .torch_sampling import pick, samples, settings
-        key = (into.data_ptr(), into.shape[0])
-        if key not in self._sampling:  # two landing buffers in turn: one is read while the next copy lands
-            self._sampling[key] = (torch.zeros((3, len(rows)), device=into.device),
-                                   [torch.empty(into.shape, dtype=into.dtype, pin_memory=True) for _ in range(2)])
-        setting, landing = self._sampling[key]
-        if any(samples(s) for s in rows):
-            self.write(setting, settings(rows, logits.shape[1]), "f32")
-            into.copy_(pick(logits.float(), setting, rows))
-        else:
-            into.copy_(logits.argmax(-1))
-        landing.reverse()
-        landing[0].copy_(into, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(into.device))
-        return _HostTokens(landing[0], done)
+        if self.device.type == "cuda":
+            from .torch_sampling import DeviceSampler
+            return DeviceSampler(self)
+        from ..engine.sampler import HostSampler
+        return HostSampler(self)
 
     def write(self, dst: torch.Tensor, array, dtype: str) -> None:
         """Copy into an existing device buffer (the inputs of a recorded run) without waiting
@@ -372,6 +379,23 @@ class TorchBackend:
 
     def zeros(self, shape) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- the KV cache's memory (engine/kv_cache.py) --------------------------------------
+    def cache_storage(self, shape) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # a large empty tensor is fresh mmap'd memory: zeros that cost RAM only once written
+        t = torch.empty(shape, dtype=self.dtype)
+        return t if t.nbytes >= 2**26 else t.zero_()
+
+    def forget_pages(self, storage: torch.Tensor, pages: list[int]) -> None:
+        if storage.device.type == "cpu":
+            release_pages(storage.data_ptr(), storage[0].nbytes, pages)
+
+    def free_memory(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.mem_get_info(self.device)[0]
 
     @torch.no_grad()
     def run(self, node: Node, args: list):

@@ -1,43 +1,27 @@
-"""Choosing next tokens on the device: greedy, temperature, top-k, top-p and repetition
+"""Choosing next tokens on the GPU: greedy, temperature, top-k, top-p and repetition
 penalty, vectorized over a step's rows, with one small copy of token ids back to the host
 (instead of a logits row of vocabulary size per sequence).
 
-Same rules as `generate.sample` (the host reference); the random stream differs (each
-sequence draws from its own torch generator seeded from its numpy one), so seeded sampling is
+Same rules as `engine.sampler.sample` (the host reference); the random stream differs (each
+sequence draws from its own torch generator, seeded from its settings), so seeded sampling is
 reproducible per device, not across devices. Greedy choices are identical.
 
-`choose` waits for its tokens; `pick` is the device-only part, which the overlapped decode
-runs with its settings uploaded without waiting (see TorchBackend.choose_later).
+`choose` waits for its tokens; `choose_later` leaves them on the device for the next step
+(the overlapped decode) with its settings uploaded without waiting.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
-
-def _generator(seq, device: torch.device) -> torch.Generator:
-    """The sequence's device generator, seeded once from its numpy generator."""
-    gen = getattr(seq, "device_rng", None)
-    if gen is None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seq.rng.integers(2**62)))
-        seq.device_rng = gen
-    return gen
-
-
-def _penalize(x: torch.Tensor, sequences) -> None:
-    for i, seq in enumerate(sequences):
-        penalty = seq.cfg.repetition_penalty
-        if penalty == 1.0:
-            continue
-        seen = torch.tensor(sorted(set(seq.prompt.token_ids.tolist()) | set(seq.tokens)), device=x.device)
-        v = x[i, seen]
-        x[i, seen] = torch.where(v > 0, v / penalty, v * penalty)
+from ..engine.sampler import history
 
 
 def samples(seq) -> bool:
-    return seq is not None and seq.cfg.temperature > 0
+    return seq is not None and not seq.cfg.greedy
 
 
 def settings(rows, vocab: int) -> np.ndarray:
@@ -51,32 +35,91 @@ def settings(rows, vocab: int) -> np.ndarray:
     return out
 
 
-def pick(x: torch.Tensor, setting: torch.Tensor, rows) -> torch.Tensor:
-    """Tokens [rows] (device) from fp32 logits x [rows, vocab] and `settings` on the device;
-    nothing here waits for the GPU."""
-    greedy = x.argmax(-1)
-    if not any(samples(s) for s in rows):
-        return greedy
-    temperature, top_k, top_p = setting[0], setting[1].long(), setting[2]
-    scaled = x / torch.where(temperature > 0, temperature, 1.0)[:, None]
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    kth = ordered.gather(1, top_k[:, None] - 1)
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th value stay, as on the host
-    probs = ordered.softmax(-1)
-    before = probs.cumsum(-1) - probs  # mass of the better tokens: keep the smallest set reaching top_p
-    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
-    noise = torch.stack([torch.empty(x.shape[1], device=x.device).exponential_(generator=_generator(s, x.device))
-                         if samples(s) else torch.ones(x.shape[1], device=x.device) for s in rows])
-    picked = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, picked, greedy)
+class _HostTokens:
+    """Token ids on their way to the host: result() waits for their copy only."""
+
+    def __init__(self, tokens, done) -> None:
+        self.tokens, self.done = tokens, done
+
+    def result(self) -> np.ndarray:
+        self.done.synchronize()
+        return self.tokens.numpy().copy()
 
 
-def choose(logits: torch.Tensor, sequences) -> list[int]:
-    """logits [rows, vocab] (one row per sequence, in order) -> the next token of each."""
-    if all(not samples(s) and s.cfg.repetition_penalty == 1.0 for s in sequences):
-        return logits.argmax(-1).tolist()
-    x = logits.float()
-    _penalize(x, sequences)
-    setting = torch.from_numpy(settings(sequences, x.shape[1])).to(x.device)
-    return pick(x, setting, sequences).tolist()
+class DeviceSampler:
+    overlaps = True
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._buffers: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
+
+    def generator(self, seq, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(seq)
+        if gen is None:
+            gen = self._generators[seq] = torch.Generator(device=device)
+            gen.manual_seed(int(np.random.default_rng(seq.cfg.seed).integers(2**62)))
+        return gen
+
+    def pick(self, x: torch.Tensor, setting: torch.Tensor, rows) -> torch.Tensor:
+        """Tokens [rows] (device) from fp32 logits x [rows, vocab] and `settings` on the device;
+        nothing here waits for the GPU."""
+        greedy = x.argmax(-1)
+        if not any(samples(s) for s in rows):
+            return greedy
+        temperature, top_k, top_p = setting[0], setting[1].long(), setting[2]
+        scaled = x / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        kth = ordered.gather(1, top_k[:, None] - 1)
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th value stay, as on the host
+        probs = ordered.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the better tokens: keep the smallest set reaching top_p
+        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+        # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
+        noise = torch.stack([torch.empty(x.shape[1], device=x.device).exponential_(generator=self.generator(s, x.device))
+                             if samples(s) else torch.ones(x.shape[1], device=x.device) for s in rows])
+        picked = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
+        return torch.where(temperature > 0, picked, greedy)
+
+    def choose(self, logits: torch.Tensor, sequences) -> list[int]:
+        """logits [rows, vocab] (one row per sequence, in order) -> the next token of each."""
+        if all(s.cfg.greedy and not s.cfg.penalizes for s in sequences):
+            return logits.argmax(-1).tolist()
+        x = logits.float()
+        for i, seq in enumerate(sequences):
+            if seq.cfg.penalizes:
+                seen = torch.tensor(sorted(set(history(seq))), device=x.device)
+                v = x[i, seen]
+                x[i, seen] = torch.where(v > 0, v / seq.cfg.repetition_penalty, v * seq.cfg.repetition_penalty)
+        setting = torch.from_numpy(settings(sequences, x.shape[1])).to(x.device)
+        return self.pick(x, setting, sequences).tolist()
+
+    def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
+        """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
+        greedily) into the device buffer `into` (the next step's input tokens), without
+        waiting for the GPU: settings go up through pinned memory and the tokens come back
+        the same way. Returns a handle whose result() waits for that copy only. No
+        repetition penalty here: it needs the host's view of every token so far."""
+        key = (into.data_ptr(), into.shape[0])
+        if key not in self._buffers:  # two landing buffers in turn: one is read while the next copy lands
+            pinned = into.is_cuda
+            self._buffers[key] = (torch.zeros((3, len(rows)), device=into.device),
+                                  [torch.empty(into.shape, dtype=into.dtype, pin_memory=pinned) for _ in range(2)])
+        setting, landing = self._buffers[key]
+        if any(samples(s) for s in rows):
+            self.backend.write(setting, settings(rows, logits.shape[1]), "f32")
+            into.copy_(self.pick(logits.float(), setting, rows))
+        else:
+            into.copy_(logits.argmax(-1))
+        landing.reverse()
+        landing[0].copy_(into, non_blocking=into.is_cuda)
+        if not into.is_cuda:  # a CPU stand-in (tests): the copy is already done
+            return _HostTokens(landing[0], _Done())
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(into.device))
+        return _HostTokens(landing[0], done)
+
+
+class _Done:
+    def synchronize(self) -> None:
+        pass

@@ -1,6 +1,7 @@
 """Decode attention over the KV cache with grouped-query heads, split over the sequence.
 
-Each row (one sequence) attends to cache[slot, 0..position]. Batch 1 has only kv_heads
+Each row (one sequence) attends to tokens 0..position of its slot in the paged cache
+(engine/kv_cache.py): a chunk's keys are gathered page by page through the block table. Batch 1 has only kv_heads
 programs of work per row, far too few for a GPU, so the keys are cut into `splits` chunks
 (flash-decoding): each program reduces one chunk for all query heads sharing a kv head
 (one tl.dot for the group), and a second kernel merges the chunks' partial softmaxes.
@@ -18,10 +19,11 @@ from . import pdl_args
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_ptr, l_ptr, acc_ptr,
-                  stride_q, stride_slot, stride_token, scale,
+def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, slots_ptr, positions_ptr, m_ptr, l_ptr, acc_ptr,
+                  stride_q, stride_table, stride_page, stride_token, scale,
                   H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                  PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -37,7 +39,7 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_p
     d = tl.arange(0, D)
     heads = kv_head * G + g
     q = tl.load(q_ptr + row * stride_q + heads[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
-    cache = tl.load(slots_ptr + row) * stride_slot + kv_head * D
+    table = table_ptr + tl.load(slots_ptr + row) * stride_table
     m = tl.full([GP], float("-inf"), tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -45,7 +47,8 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, m_p
     while n0 < end:  # a while loop: Triton's interpreter can't take tensor bounds in range()
         n = n0 + tl.arange(0, BLOCK)
         valid = n < end
-        offsets = cache + n[:, None] * stride_token + d[None, :]
+        page = tl.load(table + n // PAGE, mask=valid, other=0)
+        offsets = (page * stride_page + (n % PAGE) * stride_token + kv_head * D)[:, None] + d[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -88,14 +91,17 @@ def default_splits(rows: int, num_kv_heads: int, max_seq: int, block: int, devic
     return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, rows * num_kv_heads)))
 
 
-def decode_attention(q, k_cache, v_cache, slots, positions, num_heads: int, num_kv_heads: int,
+def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_heads: int, num_kv_heads: int,
                      splits: int | None = None, block: int = 64) -> torch.Tensor:
-    """q [rows, H*D] (rotated, unit stride), caches [slots, max_seq, KV*D] -> [rows, H*D]."""
+    """q [rows, H*D] (rotated, unit stride), paged caches [pages, page_size, KV*D] with
+    block_table [slots, max_pages] -> [rows, H*D]."""
     rows = q.shape[0]
     d = q.shape[1] // num_heads
     group = num_heads // num_kv_heads
-    assert q.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    splits = splits or default_splits(rows, num_kv_heads, k_cache.shape[1], block, q.device)
+    assert q.stride(1) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    assert block_table.stride(1) == 1
+    max_seq = block_table.shape[1] * k_cache.shape[1]
+    splits = splits or default_splits(rows, num_kv_heads, max_seq, block, q.device)
     m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
@@ -104,9 +110,10 @@ def decode_attention(q, k_cache, v_cache, slots, positions, num_heads: int, num_
         return out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must stay exact; bf16 ignores it
     _split_kernel[(rows, num_kv_heads, splits)](
-        q, k_cache, v_cache, slots, positions, m, l, acc, q.stride(0), k_cache.stride(0), k_cache.stride(1),
-        1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-        SPLITS=splits, BLOCK=block, PRECISION=precision, num_warps=4, **pdl_args(q))
+        q, k_cache, v_cache, block_table, slots, positions, m, l, acc, q.stride(0), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group,
+        GP=max(16, triton.next_power_of_2(group)), D=d, SPLITS=splits, BLOCK=block, PAGE=k_cache.shape[1],
+        PRECISION=precision, num_warps=4, **pdl_args(q))
     _merge_kernel[(rows, num_heads)](m, l, acc, out, out.stride(0), H=num_heads, D=d, SPLITS=splits,
                                      SP=triton.next_power_of_2(splits), num_warps=2, **pdl_args(q))
     return out

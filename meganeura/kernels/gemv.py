@@ -47,7 +47,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
     row_ok = rows < M
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = n < N
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty  # the activations' rounding points; the output may be wider (logits)
     x_rows = x_ptr + rows[:, None] * stride_x
     # the first weight tile does not depend on the previous kernel: fetch it before waiting
     k = tl.arange(0, BK)
@@ -71,12 +71,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
         w = tl.load(w_ptr + n[:, None] * stride_w + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :],
                     other=0.0).to(tl.float32)
         acc += xk[:, None, :] * w[None, :, :]
-    out = tl.sum(acc, axis=2).to(dtype)
+    out = tl.sum(acc, axis=2)
     out_mask = row_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         r = tl.load(res_ptr + rows[:, None] * stride_res + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        out = (out.to(tl.float32) + r).to(dtype)
-    tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], out, mask=out_mask)
+        out = out.to(dtype).to(tl.float32) + r
+    tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
@@ -89,13 +89,15 @@ def tiles(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-         eps: float = 0.0, gated: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (or [M, 2K] gate|up when gated), w [N, K] -> [M, N]; meant for M <= MAX_ROWS."""
+         eps: float = 0.0, gated: bool = False, config: tuple[int, int, int, int] | None = None,
+         float_out: bool = False) -> torch.Tensor:
+    """x [M, K] (or [M, 2K] gate|up when gated), w [N, K] -> [M, N] (float32 with float_out,
+    else w's dtype); meant for M <= MAX_ROWS."""
     m = x.shape[0]
     n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
     assert (residual is None or residual.stride(1) == 1) and (norm is None or norm.is_contiguous())
-    out = torch.empty((m, n), dtype=w.dtype, device=w.device)
+    out = torch.empty((m, n), dtype=torch.float32 if float_out else w.dtype, device=w.device)
     bn, bk, warps, stages = config or tiles(n, k)
     res = residual if residual is not None else out
     _gemv_kernel[(triton.cdiv(n, bn),)](

@@ -1,6 +1,6 @@
 """RoPE on q and k fused with the KV-cache write. A program takes one row and a group of
-heads: each q head is rotated, each k head is rotated straight into cache[slot, position]
-with its v head copied beside it. A decode step (one row) gives every head its own program;
+heads: each q head is rotated, each k head is rotated straight into the paged cache at
+(slot, position) (engine/kv_cache.py) with its v head copied beside it. A decode step (one row) gives every head its own program;
 a prefill (many rows) gives each row one program for all its heads, so cos/sin are computed
 once per row. For a prefill the rotated keys can also be written out contiguously, sparing
 attention a gather from the cache."""
@@ -27,10 +27,10 @@ def _rotate_head(src, dst, cos, sin, i, D: tl.constexpr):
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr,
-                       inv_freq_ptr, stride_q, stride_k, stride_v, stride_q_out, stride_k_out, stride_slot,
-                       stride_token, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
-                       K_OUT: tl.constexpr, PDL: tl.constexpr):
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, table_ptr, slots_ptr,
+                       positions_ptr, inv_freq_ptr, stride_q, stride_k, stride_v, stride_q_out, stride_k_out,
+                       stride_table, stride_page, stride_token, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                       HEADS: tl.constexpr, K_OUT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -42,7 +42,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v
     # transformers casts cos/sin to the activation dtype and rounds each product
     cos = tl.cos(angle).to(dtype).to(tl.float32)
     sin = tl.sin(angle).to(dtype).to(tl.float32)
-    cache_row = tl.load(slots_ptr + row) * stride_slot + pos * stride_token
+    page = tl.load(table_ptr + tl.load(slots_ptr + row) * stride_table + pos // PAGE)
+    cache_row = page * stride_page + (pos % PAGE) * stride_token
     for j in tl.static_range(HEADS):
         head = tl.program_id(1) * HEADS + j  # 0..H-1: a q head; H..H+KV-1: a k head and its v head
         if head < H:
@@ -57,22 +58,24 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v
             tl.store(v_cache_ptr + cache_at + i, v.to(v_cache_ptr.dtype.element_ty))
 
 
-def rope_cache_write(q, k, v, k_cache, v_cache, slots, positions, inv_freq, num_heads: int,
+def rope_cache_write(q, k, v, k_cache, v_cache, block_table, slots, positions, inv_freq, num_heads: int,
                      num_kv_heads: int, keys_out: bool = False):
-    """Rotate q [rows, H*D] and k [rows, KV*D] at positions; k and v go to cache[slots, positions]
-    ([slots, max_seq, KV*D], contiguous). Returns the rotated q, contiguous, and with
-    `keys_out` also the rotated k: (q, k)."""
+    """Rotate q [rows, H*D] and k [rows, KV*D] at positions; k and v go to the paged cache
+    ([pages, page_size, KV*D], unit stride inside a token) at (slots, positions) through
+    block_table [slots, max_pages]. Returns the rotated q, contiguous, and with `keys_out` also
+    the rotated k: (q, k)."""
     rows = q.shape[0]
     d = q.shape[1] // num_heads
-    assert q.stride(1) == k.stride(1) == v.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.stride(1) == k.stride(1) == v.stride(1) == 1 and k_cache.stride(2) == 1
+    assert k_cache.stride() == v_cache.stride() and block_table.stride(1) == 1
     q_out = torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
     k_out = torch.empty((rows, k.shape[1]), dtype=q.dtype, device=q.device) if keys_out else q_out
     heads = num_heads + num_kv_heads
     per_program = 1 if rows * heads < 4096 else heads  # decode batches: a program per head
     if rows:
         _rope_cache_kernel[(rows, triton.cdiv(heads, per_program))](
-            q, k, v, q_out, k_out, k_cache, v_cache, slots, positions, inv_freq,
-            q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), k_out.stride(0), k_cache.stride(0),
-            k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program, K_OUT=keys_out,
-            num_warps=1 if per_program == 1 else 2, **pdl_args(q))
+            q, k, v, q_out, k_out, k_cache, v_cache, block_table, slots, positions, inv_freq,
+            q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), k_out.stride(0), block_table.stride(0),
+            k_cache.stride(0), k_cache.stride(1), H=num_heads, KV=num_kv_heads, D=d, HEADS=per_program,
+            K_OUT=keys_out, PAGE=k_cache.shape[1], num_warps=1 if per_program == 1 else 2, **pdl_args(q))
     return (q_out, k_out) if keys_out else q_out

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.kv_cache import CacheLayout
 from ..graph import Graph, Node
 
 
@@ -93,10 +94,10 @@ def embed_tokens(g: Graph, cfg: TextConfig, names: DecoderNames, token_ids: Node
 
 
 def lm_head(g: Graph, cfg: TextConfig, names: DecoderNames, hidden: Node) -> Node:
-    """Final norm and vocabulary projection; a tied head reuses the embedding table."""
+    """Final norm and vocabulary projection (float32 logits); a tied head reuses the embedding table."""
     h = g.rms_norm(hidden, g.parameter(names.model + "norm.weight", [cfg.hidden_size]), cfg.rms_norm_eps)
     name = names.model + "embed_tokens.weight" if cfg.tie_word_embeddings else names.lm_head
-    return g.linear(h, g.parameter(name, [cfg.vocab_size, cfg.hidden_size]))
+    return g.linear(h, g.parameter(name, [cfg.vocab_size, cfg.hidden_size]), float_out=True)
 
 
 def decoder_full(g: Graph, cfg: TextConfig, names: DecoderNames, embeds: Node, positions: Node) -> Node:
@@ -108,33 +109,29 @@ def decoder_full(g: Graph, cfg: TextConfig, names: DecoderNames, embeds: Node, p
     return x
 
 
-def kv_cache(g: Graph, cfg: TextConfig, names: DecoderNames, i: int, slots: int, max_seq: int):
-    shape = [slots, max_seq, cfg.kv_dim]
-    return g.state(f"{names.layer(i)}k_cache", shape), g.state(f"{names.layer(i)}v_cache", shape)
-
-
 def decoder_cached(g: Graph, cfg: TextConfig, names: DecoderNames, embeds: Node, positions: Node,
-                   slots: Node, num_slots: int, max_seq: int, mode: str = "any") -> Node:
-    """All layers for rows at (slot, position), reading and extending the KV cache (`mode`: see
-    `Graph.cached_attention`)."""
+                   slots: Node, cache: CacheLayout, mode: str = "any") -> Node:
+    """All layers for rows at (slot, position), reading and extending the paged KV cache
+    (`mode`: see `Graph.cached_attention`)."""
+    table = g.input_u32("block_table", [cache.slots, cache.max_blocks])
     x = embeds
     for i in range(cfg.num_hidden_layers):
-        k_cache, v_cache = kv_cache(g, cfg, names, i, num_slots, max_seq)
+        k_cache, v_cache = (g.state(name, cache.state_shape) for name in CacheLayout.state_names(names.layer(i)))
         x = _layer(g, cfg, names.layer(i), x, positions,
-                   lambda q, k, v: g.cached_attention(q, k, v, k_cache, v_cache, slots, positions,
+                   lambda q, k, v: g.cached_attention(q, k, v, k_cache, v_cache, table, slots, positions,
                                                       cfg.num_attention_heads, cfg.num_key_value_heads, mode))
     return x
 
 
-def build_text_step(g: Graph, cfg: TextConfig, names: DecoderNames, rows: int, num_slots: int, max_seq: int,
+def build_text_step(g: Graph, cfg: TextConfig, names: DecoderNames, rows: int, cache: CacheLayout,
                     logit_rows: int, image_tokens: int = 0, mode: str = "any") -> Node:
     """The graph for one step of generation: a prefill (rows = prompt length, one slot) or a
     batched decode (rows = sequences, one row per slot); both are the same computation.
 
     Inputs: token_ids, positions, slots (u32 [rows]), logit_rows (u32 [logit_rows]: which rows'
-    logits to compute) and, with image_tokens > 0, image_features [image_tokens, hidden] with
-    image_rows (u32 [image_tokens]: the rows of the <image> tokens they replace).
-    Returns logits [logit_rows, vocab].
+    logits to compute), block_table (u32 [cache.slots, cache.max_blocks]) and, with
+    image_tokens > 0, image_features [image_tokens, hidden] with image_rows (u32 [image_tokens]:
+    the rows of the <image> tokens they replace). Returns float32 logits [logit_rows, vocab].
     """
     token_ids = g.input_u32("token_ids", [rows])
     positions = g.input_u32("positions", [rows])
@@ -143,6 +140,6 @@ def build_text_step(g: Graph, cfg: TextConfig, names: DecoderNames, rows: int, n
     if image_tokens:
         features = g.input("image_features", [image_tokens, cfg.hidden_size])
         x = g.scatter_rows(x, g.input_u32("image_rows", [image_tokens]), features)
-    hidden = decoder_cached(g, cfg, names, x, positions, slots, num_slots, max_seq, mode)
+    hidden = decoder_cached(g, cfg, names, x, positions, slots, cache, mode)
     picked = g.embedding(g.input_u32("logit_rows", [logit_rows]), hidden)
     return lm_head(g, cfg, names, picked)

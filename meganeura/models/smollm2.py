@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.kv_cache import CacheLayout
 from ..graph import Graph, Node
 from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
 
@@ -42,7 +43,6 @@ def build_graph(g: Graph, config: TextConfig, seq_len: int) -> Node:
     return lm_head(g, config, NAMES, decoder_full(g, config, NAMES, x, None))
 
 
-def build_text_graph(g: Graph, config: TextConfig, rows: int, num_slots: int, max_seq: int,
-                     logit_rows: int) -> Node:
-    """Prefill or decode step with the KV cache (see `llama.build_text_step`)."""
-    return build_text_step(g, config, NAMES, rows, num_slots, max_seq, logit_rows)
+def build_text_graph(g: Graph, config: TextConfig, rows: int, cache: CacheLayout, logit_rows: int) -> Node:
+    """Prefill or decode step over a KV cache of this layout (see `llama.build_text_step`)."""
+    return build_text_step(g, config, NAMES, rows, cache, logit_rows)

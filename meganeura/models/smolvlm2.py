@@ -1,7 +1,7 @@
 """SmolVLM2: SigLIP encoder -> pixel shuffle -> linear connector -> Llama decoder.
 
 `build_graph` and `build_vision_encoder` are the seed API; `build_vision_graph` and
-`build_text_step` (from llama.py) are the graphs the generation runtime uses.
+`build_text_step` (from llama.py) are the graphs the model runner uses.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.kv_cache import CacheLayout
 from ..graph import Graph, Node
 from . import siglip
 from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
@@ -123,7 +124,7 @@ def build_graph(g: Graph, config: SmolVLM2Config, text_seq_len: int) -> Node:
     forward over `combined_embeds` (the image tokens first, then the text).
 
     The vision encoder and the connector are built on their inputs too, so every input is
-    declared; the runtime's graphs (`build_vision_graph`, `build_text_step`) chain them."""
+    declared; the runner's graphs (`build_vision_graph`, `build_text_step`) chain them."""
     build_vision_encoder(g, config.vision, config.num_patches)
     connector(g, config, g.input("vision_features_shuffled", [config.num_vision_tokens,
                                                               config.connector_input_dim]))
@@ -165,10 +166,11 @@ def vision_inputs(config: SmolVLM2Config, pixel_values, pixel_attention_mask=Non
     return inputs
 
 
-def build_text_graph(g: Graph, config: SmolVLM2Config, rows: int, num_slots: int, max_seq: int,
-                     logit_rows: int, image_tokens: int = 0) -> Node:
-    """Prefill or decode step of the text model (see `llama.build_text_step`)."""
-    return build_text_step(g, config.text, NAMES, rows, num_slots, max_seq, logit_rows, image_tokens)
+def build_text_graph(g: Graph, config: SmolVLM2Config, rows: int, cache: CacheLayout, logit_rows: int,
+                     image_tokens: int = 0) -> Node:
+    """Prefill or decode step of the text model over a KV cache of this layout (see
+    `llama.build_text_step`)."""
+    return build_text_step(g, config.text, NAMES, rows, cache, logit_rows, image_tokens)
 
 
 __all__ = ["SmolVLM2Config", "VisionConfig", "TextConfig", "build_graph", "build_vision_encoder",

@@ -25,7 +25,7 @@ class PassReport:
 
 def copy_graph(graph: Graph) -> Graph:
     """A structural copy whose nodes can be rewritten without touching the original."""
-    new = Graph()
+    new = Graph(graph.batch_invariant)
     mapping: dict[Node, Node] = {}
     for n in graph.nodes:
         clone = Node(n.op, tuple(mapping[i] for i in n.inputs), n.shape, n.dtype, dict(n.attrs), n.name)

@@ -14,7 +14,7 @@ from .core import PassReport, consumers, substitute
 
 
 def _plain_linear(n: Node) -> bool:
-    return n.op == "linear" and not any(n.attrs[k] for k in ("bias", "residual", "norm", "gated", "gelu"))
+    return n.op == "linear" and not any(n.attrs[k] for k in ("bias", "residual", "norm", "gated", "gelu", "float_out"))
 
 
 def linear_operands(n: Node) -> dict:
@@ -25,7 +25,7 @@ def linear_operands(n: Node) -> dict:
 
 def _relink(g: Graph, n: Node, x: Node, **changes) -> Node:
     """A copy of linear node n reading x, with some attributes or operands changed."""
-    kw = {**linear_operands(n), **{k: n.attrs[k] for k in ("eps", "gated", "gelu")}, **changes}
+    kw = {**linear_operands(n), **{k: n.attrs[k] for k in ("eps", "gated", "gelu", "float_out")}, **changes}
     return g.linear(x, n.inputs[1], **kw)
 
 
@@ -87,15 +87,15 @@ def fuse_rope_into_cached_attention(g: Graph, n: Node, uses) -> Node | None:
     rope_theta): one kernel rotates q and k and writes the cache, instead of three passes."""
     if n.op != "cached_attention" or n.attrs["rope_theta"] is not None:
         return None
-    q, k, v, k_cache, v_cache, slots, positions = n.inputs
+    q, k, v, k_cache, v_cache, block_table, slots, positions = n.inputs
     a = n.attrs
     head_dim = q.shape[1] // a["num_heads"]
     for r in (q, k):
         if (r.op != "rope" or uses[r] != 1 or len(r.inputs) != 2 or r.inputs[1] is not positions
                 or r.attrs["head_dim"] != head_dim or r.attrs["theta"] != q.attrs.get("theta")):
             return None
-    return g.cached_attention(q.inputs[0], k.inputs[0], v, k_cache, v_cache, slots, positions, a["num_heads"],
-                              a["num_kv_heads"], mode=a["mode"], rope_theta=q.attrs["theta"])
+    return g.cached_attention(q.inputs[0], k.inputs[0], v, k_cache, v_cache, block_table, slots, positions,
+                              a["num_heads"], a["num_kv_heads"], mode=a["mode"], rope_theta=q.attrs["theta"])
 
 
 def fuse_rms_norm_into_linear(g: Graph, n: Node, uses) -> Node | None:
@@ -154,7 +154,7 @@ def merge_sibling_linears(g: Graph, n: Node, uses) -> Node | None:
 
 
 def _merge_candidate(n: Node) -> bool:
-    return (n.op == "linear" and not any(n.attrs[k] for k in ("residual", "norm", "gated", "gelu"))
+    return (n.op == "linear" and not any(n.attrs[k] for k in ("residual", "norm", "gated", "gelu", "float_out"))
             and n.inputs[1].op == "parameter"
             and (not n.attrs["bias"] or n.inputs[2].op == "parameter"))
 

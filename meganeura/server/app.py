@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from ..generate import GenerationConfig
 from ..processing.image import load_image
-from .config import ServerConfig, cache_context
+from .config import ServerConfig, request_context
 from .engine import Engine, Job, QueueFull
 from .media import MediaError, MediaPolicy
 from .metrics import CONTENT_TYPE, Metrics
@@ -65,15 +65,16 @@ class _CountRequests:
 
 
 def create_app(pipe, config: ServerConfig) -> FastAPI:
-    max_context = cache_context(pipe.spec.text, pipe.runtime.options.dtype, config.max_batch, config.max_context)
+    max_context = request_context(pipe.runner, config.max_context)
     metrics = Metrics(config.max_batch)
-    engine = Engine(pipe, config.max_batch, max_context, config.max_queue, metrics)
+    engine = Engine(pipe, config.max_batch, config.max_queue, metrics)
     media = MediaPolicy(config.allow_remote_media, config.media_root, config.max_media_bytes, config.remote_timeout_s)
     metrics.gauges.update(
         queue_depth=("Requests waiting for a slot.", engine.queue_depth),
         running_sequences=("Sequences being generated.", engine.running),
-        batch_slots=("KV-cache slots (--max-batch).", lambda: config.max_batch),
-        context_tokens=("Tokens per slot (--max-context).", lambda: max_context))
+        batch_slots=("Sequences decoded together (--max-batch).", lambda: config.max_batch),
+        context_tokens=("Tokens per request (--max-context).", lambda: max_context),
+        kv_cache_free_pages=("KV-cache pages free.", lambda: pipe.runner.cache.free_pages))
     model = config.model_id
 
     @asynccontextmanager
@@ -292,8 +293,9 @@ def serve(pipe, config: ServerConfig) -> None:
         print(f"warning: listening on {config.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     app = create_app(pipe, config)
-    print(f"serving {config.model_id} on http://{config.host}:{config.port} ({config.max_batch} slots of "
-          f"{app.state.max_context} tokens)", file=sys.stderr)
+    cache = pipe.runner.cache
+    print(f"serving {config.model_id} on http://{config.host}:{config.port} ({config.max_batch} sequences at once, "
+          f"{app.state.max_context} tokens each; KV cache of {cache.capacity_tokens} tokens)", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
 
 

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Without --max-context the cache gets the model's whole context, shrunk to fit this many
-# bytes: 8 slots of SmolVLM2-500M's 8k context would otherwise take 5 GiB of fp32.
-KV_CACHE_BUDGET = 2 * 2**30
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_id: str = "meganeura"           # the name /v1/models lists and requests must use
     max_batch: int = 8                    # sequences decoded together (KV-cache slots)
-    max_context: int | None = None        # tokens per slot (prompt + answer); None: see KV_CACHE_BUDGET
+    max_context: int | None = None        # tokens per request (prompt + answer); None: the model's context
     max_queue: int = 64                   # requests waiting for a slot; one more gets 429
     api_key: str | None = None
     allow_remote_media: bool = False
@@ -34,14 +29,11 @@ class ServerConfig:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
 
-def cache_context(text_config, dtype: str, slots: int, requested: int | None) -> int:
-    """Tokens per slot: as requested (at most the model's context), else the model's context
-    cut to KV_CACHE_BUDGET in steps of 256 tokens."""
-    limit = text_config.max_position_embeddings
-    if requested is not None:
-        if requested > limit:
-            raise ValueError(f"max_context {requested} exceeds the model's context of {limit}")
-        return requested
-    per_token = 2 * text_config.num_hidden_layers * text_config.kv_dim * (4 if dtype == "float32" else 2)
-    fits = KV_CACHE_BUDGET // (per_token * slots) // 256 * 256
-    return min(limit, max(256, fits))
+def request_context(runner, requested: int | None) -> int:
+    """Tokens per request (prompt + answer): as requested, else the model's context; never
+    more than the KV cache holds for one sequence."""
+    limit = min(runner.max_seq, runner.cache.capacity_tokens)
+    if requested is not None and requested > limit:
+        raise ValueError(f"max_context {requested} exceeds the {limit} tokens one sequence can have here "
+                         f"(the model's context is {runner.max_seq}; the KV cache holds {runner.cache.capacity_tokens})")
+    return requested or limit

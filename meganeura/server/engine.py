@@ -1,9 +1,9 @@
-"""The engine: one thread owns the runtime and drives the continuous-batching scheduler;
+"""The engine: one thread owns the model runner and drives the continuous-batching scheduler;
 asyncio request handlers talk to it through `Job`s.
 
 Handlers prepare a request (images decoded, prompt tokenized) in a worker thread, then
 `submit` it to a bounded queue. Between decode steps the engine admits queued jobs into free
-slots (running the vision encoder, which touches the runtime, here), drops cancelled ones and
+slots (running the vision encoder, which touches the runner, here), drops cancelled ones and
 sends each job's text pieces back to its event loop.
 """
 
@@ -48,9 +48,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, pipe, max_batch: int, max_context: int, max_queue: int, metrics) -> None:
-        # Reserve once: growing the cache later would wipe the sequences running in it.
-        pipe.runtime.reserve(max_batch, max_context)
+    def __init__(self, pipe, max_batch: int, max_queue: int, metrics) -> None:
         self.pipe, self.metrics = pipe, metrics
         self.scheduler = pipe.scheduler(max_batch)
         self.inbox: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)

@@ -1,0 +1,194 @@
+"""The KV cache: the only owner of cache memory.
+
+Layout (the one place it is written down): keys and values live in fixed-size pages of
+`block_size` tokens. One allocation holds every page as [blocks, layers, 2 (k, v), block_size,
+kv_dim], so a page's keys and values for all layers are contiguous and a freed page can be
+handed back to the OS in one piece. Each layer's graph state is a strided view
+[blocks, block_size, kv_dim] of it. A sequence lives in a *slot*: a row of the block table
+[slots, max_blocks] that lists its pages in order; token t of slot s is row t % block_size of
+page table[s, t // block_size]. Page 0 is scratch: unused table entries point there, so rows
+that write nothing real (a prefill's padding past its pages; the rows of idle lanes in a
+fixed-width decode, which use the last slot, never handed out) land where nobody reads.
+
+Memory is allocated once, from a byte budget, and never re-allocated: compiled plans and
+recorded CUDA graphs keep pointing at it. Pages are handed out per sequence for its prompt
+plus its answer limit when it starts (so a running sequence never runs out), and returned
+when it ends. On the CPU the allocation is lazy (pages untouched by a write cost no RAM)
+and returned pages are given back to the OS, so memory held follows tokens in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import heapq
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK_SIZE = 16          # tokens per page
+CPU_BUDGET = 2 * 2**30   # bytes of address space; RAM is taken only by pages in use
+GPU_FRACTION = 0.2       # of the device memory free after the weights
+
+
+class CacheFull(ValueError):
+    """A request needs more KV cache than this cache has in all; the message says the numbers."""
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shapes a model's graphs are compiled for."""
+
+    layers: int
+    kv_dim: int
+    num_blocks: int          # pages, page 0 (scratch) included
+    slots: int               # block-table rows: sequences that can hold pages at once
+    max_blocks: int          # table columns: pages of the longest sequence (the model's context)
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def max_seq(self) -> int:
+        return self.max_blocks * self.block_size
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return (self.num_blocks, self.block_size, self.kv_dim)
+
+    @classmethod
+    def contiguous(cls, layers: int, kv_dim: int, slots: int, max_seq: int) -> "CacheLayout":
+        """One page of max_seq tokens per slot (slot s owns page s + 1): the unpaged cache of a
+        fixed batch, for hand-written generation loops (examples/smolvlm2.py)."""
+        return cls(layers, kv_dim, num_blocks=slots + 1, slots=slots, max_blocks=1, block_size=max_seq)
+
+    def contiguous_table(self) -> np.ndarray:
+        """The block table of a `contiguous` layout."""
+        return np.arange(1, self.slots + 1, dtype=np.int64)[:, None]
+
+    @staticmethod
+    def state_names(prefix: str) -> tuple[str, str]:
+        """The graph state names of one layer's keys and values (prefix: the layer's parameter prefix)."""
+        return prefix + "k_cache", prefix + "v_cache"
+
+
+def bytes_per_token(layers: int, kv_dim: int, itemsize: int) -> int:
+    return 2 * layers * kv_dim * itemsize
+
+
+class KVCache:
+    """Pages and block tables of one model's cache on one backend.
+
+    `states` maps graph state names to the backend views the plans read and write; `table` is
+    the host copy of the block table and `device_table` the backend array every plan reads."""
+
+    def __init__(self, backend, layout: CacheLayout, state_prefixes: list[str]) -> None:
+        if layout.num_blocks < 2:
+            raise CacheFull("the KV-cache budget holds no page: give it more bytes")
+        self.backend, self.layout = backend, layout
+        shape = (layout.num_blocks, layout.layers, 2, layout.block_size, layout.kv_dim)
+        self.storage = backend.cache_storage(shape)
+        self.states = {}
+        for i, prefix in enumerate(state_prefixes):
+            k_name, v_name = CacheLayout.state_names(prefix)
+            self.states[k_name], self.states[v_name] = self.storage[:, i, 0], self.storage[:, i, 1]
+        self.table = np.zeros((layout.slots, layout.max_blocks), np.int64)
+        self.device_table = backend.from_host(self.table, "u32")
+        self._free_pages = list(range(1, layout.num_blocks))  # a heap: low pages first keeps memory compact
+        self.dummy_slot = layout.slots - 1   # never handed out: its table row is all scratch
+        self._free_slots = list(range(layout.slots - 1))
+        self._pages: dict[int, list[int]] = {}   # slot -> its pages, in order
+
+    # ---- capacity -------------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens one sequence can hold (all pages but the scratch one, or the context)."""
+        return min((self.layout.num_blocks - 1) * self.layout.block_size, self.layout.max_seq)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.layout.block_size)
+
+    def check_fits(self, tokens: int) -> None:
+        """Raise CacheFull if a sequence of `tokens` could never fit, even in an empty cache."""
+        if tokens > self.capacity_tokens:
+            raise CacheFull(f"{tokens} tokens (prompt + answer limit) need {self.pages_for(tokens)} KV-cache pages "
+                            f"of {self.layout.block_size} tokens; this cache holds {self.capacity_tokens} tokens "
+                            f"({self.layout.num_blocks - 1} pages): ask for fewer tokens or a larger kv_cache_bytes")
+
+    def can_take(self, tokens: int) -> bool:
+        return bool(self._free_slots) and self.pages_for(tokens) <= len(self._free_pages)
+
+    # ---- slots ----------------------------------------------------------------------------
+    def take(self, tokens: int) -> int:
+        """A slot with pages for `tokens` tokens (positions 0..tokens-1)."""
+        self.check_fits(tokens)
+        if not self.can_take(tokens):
+            raise CacheFull(f"the KV cache has no room now for {tokens} tokens ({len(self._free_pages)} free pages, "
+                            f"{len(self._free_slots)} free slots): wait for running sequences to finish")
+        slot = heapq.heappop(self._free_slots)
+        pages = [heapq.heappop(self._free_pages) for _ in range(self.pages_for(tokens))]
+        self._pages[slot] = pages
+        self.table[slot, :len(pages)] = pages
+        self.backend.write(self.device_table[slot], self.table[slot], "u32")
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Return a slot and its pages; its table row points at scratch again."""
+        pages = self._pages.pop(slot)
+        self.table[slot] = 0
+        self.backend.write(self.device_table[slot], self.table[slot], "u32")
+        for page in pages:
+            heapq.heappush(self._free_pages, page)
+        heapq.heappush(self._free_slots, slot)
+        self.backend.forget_pages(self.storage, pages)
+
+    def slot_tokens(self, slot: int) -> int:
+        """How many positions a slot's pages cover."""
+        return len(self._pages.get(slot, ())) * self.layout.block_size
+
+
+def default_budget(backend, layout_bytes_per_token: int, context: int) -> int:
+    """Bytes for the cache when the user sets none: on a GPU a fraction of free memory, on
+    the CPU address space that costs RAM only as it is used; never more than 64 sequences
+    at the full context."""
+    useful = 64 * context * layout_bytes_per_token
+    free = backend.free_memory()
+    budget = CPU_BUDGET if free is None else int(free * GPU_FRACTION)
+    return min(budget, useful)
+
+
+def release_pages(array_ptr: int, page_bytes: int, pages: list[int]) -> None:
+    """Hand whole OS pages inside the given cache pages back to the OS (Linux madvise
+    DONTNEED): they read as zeros when next touched. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or not pages:
+        return
+    os_page = 4096
+    for page in pages:
+        start = array_ptr + page * page_bytes
+        lo = -(-start // os_page) * os_page
+        hi = (start + page_bytes) // os_page * os_page
+        if hi > lo:
+            _madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+@functools.cache
+def _libc_madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def _madvise(addr: int, length: int, advice: int) -> None:
+    fn = _libc_madvise()
+    if fn is not None:
+        fn(addr, length, advice)

@@ -1,0 +1,275 @@
+"""ModelRunner: one model's weights, KV cache and compiled plans on one backend, behind three
+calls: `encode_images`, `prefill` (one sequence's prompt) and `decode` (one token for each of
+several sequences).
+
+The vision graph, the prefill graphs and the decode graphs are separate plans compiled on
+demand per static shape and sharing one `Store` (weights once) and one `KVCache` (allocated
+once, so nothing a plan or a recording points at ever moves). Outputs stay on the backend
+between stages: vision features go into the prefill without a host copy.
+
+Row padding, the one policy (`prefill_rows`, `decode_rows`):
+- a prefill runs its prompt padded to a few shapes (each new shape costs a plan build; on a
+  GPU, a recording); padding rows write past the sequence's pages, into the scratch page;
+- a decode computes the rows it is given; on a backend that records (CUDA) it runs a fixed
+  width (the scheduler's), padded to a power of two, so a handful of recordings serve every
+  batch and every row's arithmetic is the same whatever else runs (cuBLAS picks its kernel by
+  row count); on the CPU it runs the live rows only, its products in pairs of rows (graphs built
+  batch-invariant), the shape whose per-row results do not depend on the other rows
+  (measured: one-row products take another kernel, and wider ones vary with the row count).
+  Padding rows repeat the last row: they write the same cache entry with the same values.
+A step's logits stay valid until the next step; vision features are copies.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import Graph
+from ..models import llama
+from ..models.smolvlm2 import SmolVLM2Config, build_vision_graph, vision_inputs
+from ..passes import optimize
+from ..plan import build_plan
+from ..session import CompileOptions, Session, Store, make_backend
+from ..weights import check_tensors
+from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget
+
+PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
+MAX_SLOTS = 256    # sequences that can hold cache pages at once (block-table rows)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runner needs to know about an architecture."""
+
+    text: llama.TextConfig
+    names: llama.DecoderNames
+    vlm: SmolVLM2Config | None = None   # None for text-only models
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.vlm.image_token_id if self.vlm else None
+
+
+def prefill_rows(n: int) -> int:
+    """A prompt of n tokens runs as this many rows (unrecorded backends): a multiple of 8, or
+    of 1/16 of n's power of two when that is larger. At most ~12% padding, and ~8 plan shapes
+    per doubling of the prompt length (each new shape costs a plan build, ~0.3 s on the CPU)."""
+    step = max(8, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+class ModelRunner:
+    def __init__(self, spec: ModelSpec, options: CompileOptions | None = None, cache_bytes: int | None = None,
+                 max_seq: int | None = None, max_slots: int = MAX_SLOTS, vision_batch: int = 16) -> None:
+        self.spec = spec
+        self.options = options or CompileOptions()
+        context = spec.text.max_position_embeddings
+        self.max_seq = min(max_seq or context, context)
+        self.max_slots = max_slots
+        self.cache_bytes = cache_bytes        # None: the backend's default budget, taken at first use
+        self.vision_batch = vision_batch      # images per vision run: bounds the encoder's activations
+        self.store = Store(make_backend(self.options))
+        self.backend = self.store.backend
+        self.records = self.backend.can_capture
+        self._sessions: dict[tuple, Session] = {}
+        self._packed: dict[Session, object] = {}  # a text session's packed index inputs
+
+    # ---- weights ----------------------------------------------------------------------
+    def expected_parameters(self) -> dict:
+        """Every parameter the model's graphs declare (names and types), from the graphs."""
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=1 if self.spec.vlm else 0,
+                              layout=self._layout(num_blocks=2))
+        if self.spec.vlm:
+            build_vision_graph(g, self.spec.vlm, images=1)
+        return g.parameters
+
+    def load_weights(self, tensors: Mapping, source: str = "checkpoint", progress=None) -> None:
+        expected = self.expected_parameters()
+        check_tensors({n: (t.shape, "float") for n, t in expected.items()}, tensors, source)
+        names = progress(list(expected)) if progress else expected
+        for name in names:
+            self.store.set_parameter(name, tensors[name], reload=lambda name=name: tensors[name])
+
+    # ---- the KV cache -----------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        t = self.spec.text
+        return bytes_per_token(t.num_hidden_layers, t.kv_dim, 4 if self.options.dtype == "float32" else 2)
+
+    def _layout(self, num_blocks: int) -> CacheLayout:
+        t = self.spec.text
+        return CacheLayout(t.num_hidden_layers, t.kv_dim, num_blocks, self.max_slots + 1,
+                           -(-self.max_seq // BLOCK_SIZE))
+
+    @functools.cached_property
+    def cache(self) -> KVCache:
+        """Allocated on first use (after the weights, so a GPU budget sees what they left)."""
+        budget = self.cache_bytes or default_budget(self.backend, self.bytes_per_token, self.max_seq)
+        pages = budget // (self.bytes_per_token * BLOCK_SIZE) + 1  # + the scratch page
+        prefixes = [self.spec.names.layer(i) for i in range(self.spec.text.num_hidden_layers)]
+        cache = KVCache(self.backend, self._layout(pages), prefixes)
+        self.store.states.update(cache.states)
+        return cache
+
+    # ---- plans ------------------------------------------------------------------------
+    def build_text_graph(self, g: Graph, rows: int, logit_rows: int, image_tokens: int, mode: str = "any",
+                         layout: CacheLayout | None = None):
+        return llama.build_text_step(g, self.spec.text, self.spec.names, rows, layout or self.cache.layout,
+                                     logit_rows, image_tokens, mode)
+
+    def _session(self, key: tuple, build, record: bool = False, batch_invariant: bool = False) -> Session:
+        s = self._sessions.get(key)
+        if s is None:
+            g = Graph(batch_invariant)
+            g.set_outputs([build(g)])
+            s = self._sessions[key] = Session(g, self.options, self.store, capture=record, foldable=self._foldable)
+        return s
+
+    def _text_session(self, rows: int, logit_rows: int, image_tokens: int, mode: str, record: bool) -> Session:
+        key = ("text", rows, logit_rows, image_tokens, mode)
+        fresh = key not in self._sessions
+        s = self._session(key, lambda g: self.build_text_graph(g, rows, logit_rows, image_tokens, mode), record,
+                          batch_invariant=mode == "decode")
+        if fresh:  # every text plan reads the cache's one block table in place
+            s.bind_input("block_table", self.cache.device_table)
+        return s
+
+    @functools.cached_property
+    def _foldable(self) -> set[str]:
+        """Parameters no plan of this model reads directly (only through prepared constants)."""
+        layout = self._layout(num_blocks=2)
+        graphs = []
+        for build in (lambda g: self.build_text_graph(g, 1, 1, 1 if self.spec.vlm else 0, "decode", layout),
+                      *((lambda g, pad=pad: build_vision_graph(g, self.spec.vlm, 1, None, pad)) for pad in
+                        ((False, True) if self.spec.vlm else ()))):
+            g = Graph()
+            g.set_outputs([build(g)])
+            graphs.append(build_plan(optimize(g, self.options.optimize)[0]))
+        direct = {i.name for plan in graphs for d in plan.dispatches for i in d.node.inputs if i.op == "parameter"}
+        return {n for plan in graphs for n in plan.parameters} - direct
+
+    # ---- row policy -------------------------------------------------------------------
+    def prefill_rows(self, n: int) -> int:
+        rows = -(-n // PREFILL_ROWS) * PREFILL_ROWS if self.records else prefill_rows(n)
+        return min(rows, self.max_seq)
+
+    def decode_rows(self, rows: int) -> int:
+        if not self.records:
+            return rows  # the products run in pairs (batch-invariant graphs): no padding rows
+        size = 1
+        while size < rows:
+            size *= 2
+        return size
+
+    # ---- running ----------------------------------------------------------------------
+    def encode_images(self, pixel_values, pixel_attention_mask: np.ndarray | None = None):
+        """Images [n, 3, H, W] (host array or backend tensor) -> features [n * tokens, text_hidden]
+        (backend-resident), encoded `vision_batch` images at a time.
+
+        The mask path (padding, bucketed position ids) runs only when some pixel is padding."""
+        vlm = self.spec.vlm
+        if vlm is None:
+            raise ValueError("this model has no vision encoder: it takes text only")
+        n, _, h, w = pixel_values.shape
+        padded = pixel_attention_mask is not None and not bool(np.all(pixel_attention_mask))
+        parts = []
+        for start in range(0, n, self.vision_batch):
+            count = min(self.vision_batch, n - start)
+            s = self._session(("vision", count, h, w, padded), lambda g: build_vision_graph(g, vlm, count, (h, w), padded),
+                              self.records)
+            mask = pixel_attention_mask[start:start + count] if padded else None
+            for name, value in vision_inputs(vlm, pixel_values[start:start + count], mask).items():
+                s.set_input(name, value)
+            s.run()
+            # a recording's output is overwritten by its next replay (and may share memory with
+            # other recordings' scratch): features outlive this call, so they get their own copy
+            parts.append(self.backend.copy(s.output()) if s.capture else s.output())
+        return parts[0] if len(parts) == 1 else self.backend.concat(parts)
+
+    def prefill(self, token_ids, slot: int, image_features=None, image_rows=None, all_logits: bool = False):
+        """A prompt at positions 0..n-1 of `slot` (whose pages must cover them) -> float32 logits
+        of its last row [1, vocab], or of every row [n, vocab] with all_logits."""
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        n = len(token_ids)
+        if not 0 < n <= self.cache.slot_tokens(slot):
+            raise ValueError(f"prefill: {n} tokens, but slot {slot} holds {self.cache.slot_tokens(slot)}")
+        self._check_ids(token_ids, image_rows, n)
+        rows = self.prefill_rows(n)
+        logit_rows = np.arange(n) if all_logits else np.array([n - 1])
+        m = 0 if image_features is None else int(image_features.shape[0])
+        record = self.records and not all_logits
+        s = self._text_session(rows, len(logit_rows), m, "prefill", record)
+        self._feed(s, np.pad(token_ids, (0, rows - n)), np.arange(rows), np.full(rows, slot), logit_rows)
+        if m:
+            s.set_input("image_features", image_features)
+            s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32))
+        s.run()
+        return s.output()
+
+    def decode(self, token_ids, positions, slots):
+        """One token for each row: token_ids[i] at positions[i] of slots[i] (each row its own
+        slot) -> float32 logits [rows, vocab]. token_ids may be a backend array (tokens a
+        previous step chose on the device: trusted to be in the vocabulary), read in place."""
+        on_device = self.backend.owns(token_ids)
+        positions, slots = (np.asarray(a, dtype=np.int64) for a in (positions, slots))
+        rows = len(positions)
+        if not on_device:
+            token_ids = np.asarray(token_ids, dtype=np.int64)
+            self._check_ids(token_ids, None, rows)
+        live = slots[slots != self.cache.dummy_slot]  # idle lanes' rows all use the dummy slot
+        if len(token_ids) != rows or len(slots) != rows or len(np.unique(live)) != len(live):
+            raise ValueError(f"decode: {len(token_ids)} tokens, {rows} positions and {len(slots)} slots; "
+                             "one row per slot")
+        for pos, slot in zip(positions, slots):  # a position past a slot's pages would write another's
+            limit = self.max_seq if slot == self.cache.dummy_slot else self.cache.slot_tokens(slot)
+            if not 0 <= pos < limit:
+                raise ValueError(f"decode: position {pos} is outside slot {slot}'s {limit} tokens")
+        size = self.decode_rows(rows)
+        if size > rows:  # padding rows repeat the last row
+            positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (positions, slots))
+            token_ids = (np.pad(token_ids, (0, size - rows), mode="edge") if not on_device
+                         else self.backend.concat([token_ids] + [token_ids[-1:]] * (size - rows)))
+        s = self._text_session(size, size, 0, "decode", self.records)
+        self._feed(s, token_ids, positions, slots, np.arange(size))
+        s.run()
+        out = s.output()
+        return out[:rows] if size > rows else out
+
+    def _check_ids(self, token_ids, image_rows, rows: int) -> None:
+        """Out-of-range ids would read outside a GPU buffer: refuse them here."""
+        for what, values, limit in (("token id", token_ids, self.spec.text.vocab_size),
+                                    ("image row", np.asarray(image_rows if image_rows is not None else []), rows)):
+            if len(values) and (values.min() < 0 or values.max() >= limit):
+                bad = values[(values < 0) | (values >= limit)][0]
+                raise ValueError(f"{what} {bad} is outside [0, {limit})")
+
+    def _feed(self, s: Session, token_ids, positions, slots, logit_rows) -> None:
+        """The four index inputs travel as one packed array: one host-to-device copy a step
+        (device-side token ids are copied in on the device)."""
+        rows = len(positions)
+        on_device = not isinstance(token_ids, np.ndarray)
+        host = np.concatenate([np.zeros(rows) if on_device else token_ids, positions, slots, logit_rows]).astype(np.int64)
+        if s not in self._packed:
+            packed = self._packed[s] = self.backend.from_host(host, "u32")
+            start = 0
+            for name, count in (("token_ids", rows), ("positions", rows), ("slots", rows),
+                                ("logit_rows", len(logit_rows))):
+                s.bind_input(name, packed[start:start + count])
+                start += count
+        elif on_device:
+            self.backend.write(self._packed[s][rows:], host[rows:], "u32")
+        else:
+            self.backend.write(self._packed[s], host, "u32")
+        if on_device:
+            self.backend.write(self._packed[s][:rows], token_ids, "u32")
+
+    def to_host(self, value) -> np.ndarray:
+        return self.backend.to_host(value)
+
+
+__all__ = ["ModelRunner", "ModelSpec", "prefill_rows"]

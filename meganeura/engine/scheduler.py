@@ -1,0 +1,259 @@
+"""Continuous batching: sequences join between decode steps and leave when finished or
+cancelled.
+
+Each `step()` admits waiting sequences (a cache slot with pages for prompt + answer limit,
+then one prefill each), then runs one decode step for every running sequence. A sequence that
+cannot get pages yet waits, in order; one that could never fit was refused by `add`.
+
+Decode rows: on the CPU only the running sequences are computed. On a GPU (a runner that
+records, or a sampler that picks on the device) a step has one row per *lane*, `width` of
+them, whatever is running: idle lanes decode a dummy row in the cache's dummy slot, so each
+step replays the same recording and no sequence's arithmetic depends on the others.
+
+With a sampler that `overlaps` (on a GPU), decoding is overlapped (unless `overlap=False`):
+step k sends decode k, whose input tokens are decode k-1's device-side choices, before it
+waits for decode k-1's tokens on the host, so the GPU never idles on the host's bookkeeping. A
+sequence that stops (end token, stop string) at k-1 was computed once more at k; that row is
+dropped. A repetition penalty needs every token on the host: while a sequence with one runs,
+steps go one by one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..generate import GenerationConfig, GenerationResult, Prompt, TextStream
+from .kv_cache import CacheFull
+
+
+class Sequence:
+    """One answer being generated: its prompt, settings, cache slot, lane and text so far."""
+
+    def __init__(self, prompt: Prompt, cfg: GenerationConfig, decode: Callable[[list[int]], str]) -> None:
+        self.prompt, self.cfg = prompt, cfg
+        self.stream = TextStream(decode, cfg.stop)
+        self.slot: int | None = None            # its block-table row in the KV cache
+        self.lane: int | None = None            # its row in the scheduler's decode steps
+        self.position = len(prompt.token_ids)   # where the next token goes in the cache
+        self.finish_reason: str | None = None   # "stop", "length", "cancelled" or "error"
+        self.error: Exception | None = None
+        self.decode_steps = 0                   # tokens that came from decode steps (the first comes from prefill)
+        self.prefill_s = self.decode_s = 0.0
+        self._decode_start: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.stream.tokens
+
+    @property
+    def cache_tokens(self) -> int:
+        """Positions it may write: the prompt and every answer token but the last."""
+        return len(self.prompt.token_ids) + self.cfg.max_new_tokens
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.stream.text(), token_ids=list(self.tokens), finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt.token_ids),
+            timings={"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": len(self.tokens),
+                     "tokens_per_s": self.decode_steps / self.decode_s if self.decode_steps else 0.0})
+
+
+@dataclass
+class _Launch:
+    """A decode step sent to the device: its sequences (by lane) and their chosen tokens."""
+
+    seqs: dict[int, Sequence]
+    tokens: object            # .result() -> host tokens by lane (a device handle or a _Ready)
+
+
+@dataclass
+class _Ready:
+    tokens: dict[int, int]
+
+    def result(self) -> dict[int, int]:
+        return self.tokens
+
+
+class Scheduler:
+    def __init__(self, runner, eos_ids: set[int], decode: Callable[[list[int]], str], width: int = 8,
+                 sampler=None, overlap: bool = True):
+        if not 0 < width <= runner.max_slots:
+            raise ValueError(f"a batch of {width} sequences: this runner runs 1 to {runner.max_slots} at once")
+        self.runner, self.cache, self.eos_ids, self.decode = runner, runner.cache, eos_ids, decode
+        self.sampler = sampler or runner.backend.sampler()
+        self.overlap = overlap and self.sampler.overlaps
+        self.fixed_width = runner.records or self.sampler.overlaps
+        self.width = width
+        self.free_lanes = list(range(width))      # a heap: the lowest free lane goes first
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}    # lane -> sequence
+        self.last_decode_batch = 0                # sequences in the last decode step (for metrics)
+        self.pending: _Launch | None = None       # an overlapped decode whose tokens are still on the device
+        self._in_flight: dict[Sequence, int] = {}
+        self._next_tokens = None                  # device [width]: each lane's next input token
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running and self.pending is None
+
+    @property
+    def free_slots(self) -> int:
+        """Lanes that no running or waiting sequence will take."""
+        return len(self.free_lanes) - len(self.waiting)
+
+    def add(self, prompt: Prompt, cfg: GenerationConfig) -> Sequence:
+        n = len(prompt.token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + cfg.max_new_tokens > self.runner.max_seq:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                             f"context of {self.runner.max_seq} tokens")
+        seq = Sequence(prompt, cfg, self.decode)
+        self.cache.check_fits(seq.cache_tokens)
+        if cfg.max_new_tokens == 0:
+            seq.finish_reason = "length"
+        else:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now; its lane and cache pages are free for the next step."""
+        if seq.finish_reason is not None:
+            return
+        if seq.lane is None:
+            self.waiting.remove(seq)
+        else:
+            self._release(seq)
+        seq.finish_reason = "cancelled"
+
+    def cancel_all(self) -> None:
+        for seq in [*self.waiting, *self.running.values()]:
+            self.cancel(seq)
+        self.pending = None
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Admit, then decode once. Returns (sequence, new text) for every sequence that moved,
+        one pair per sequence (a prefill token and a decode token in the same step are joined);
+        a sequence has finished when its `finish_reason` is set."""
+        moved: dict[Sequence, str] = {}
+        for seq, piece in self._step():
+            moved[seq] = moved.get(seq, "") + piece
+        return list(moved.items())
+
+    def _step(self) -> list[tuple[Sequence, str]]:
+        events = self._admit()
+        overlap = self.overlap and not any(s.cfg.penalizes for s in self.running.values())
+        if not overlap and self.pending is not None:  # the host needs every token before the next step
+            events += self._resolve(self.pending)
+            self.pending = None
+        launch = self._launch(overlap)
+        self.last_decode_batch = len(launch.seqs) if launch else 0
+        if overlap and self.pending is not None:
+            events += self._resolve(self.pending)
+        self.pending = launch if overlap else None
+        if launch is not None and not overlap:
+            events += self._resolve(launch)
+        return events
+
+    def _admit(self) -> list[tuple[Sequence, str]]:
+        events = []
+        while self.waiting and self.free_lanes:
+            seq = self.waiting[0]
+            if not self.cache.can_take(seq.cache_tokens):
+                if not self.running and self.pending is None:  # nothing here will free pages: someone else holds them
+                    self.waiting.popleft()
+                    seq.error = CacheFull(f"the KV cache has no room for {seq.cache_tokens} tokens: other "
+                                          f"sequences hold it ({self.cache.free_pages} free pages of "
+                                          f"{self.cache.layout.block_size} tokens)")
+                    seq.finish_reason = "error"
+                    events.append((seq, ""))
+                    continue
+                break  # waits, in order, for running sequences to give pages back
+            self.waiting.popleft()
+            seq.slot = self.cache.take(seq.cache_tokens)
+            seq.lane = heapq.heappop(self.free_lanes)
+            self.running[seq.lane] = seq
+            t0 = time.perf_counter()
+            try:
+                p = seq.prompt
+                logits = self.runner.prefill(p.token_ids, seq.slot, p.image_features, p.image_rows)
+            except Exception as e:  # e.g. image features that don't fit: fail this sequence alone
+                seq.error = e
+                events.append((seq, self._finish(seq, "error")))
+                continue
+            [token] = self.sampler.choose(logits, [seq])
+            seq._decode_start = time.perf_counter()
+            seq.prefill_s = seq._decode_start - t0
+            if self._next_tokens is not None:  # the overlapped decode in flight did not have it
+                self.runner.backend.write(self._next_tokens[seq.lane:seq.lane + 1], [token], "u32")
+            events.append((seq, self._advance(seq, token)))
+        return events
+
+    def _launch(self, overlap: bool) -> _Launch | None:
+        """Send one decode step for every running sequence that may still need a token."""
+        seqs = {lane: seq for lane, seq in self.running.items()
+                if len(seq.tokens) + self._in_flight.get(seq, 0) < seq.cfg.max_new_tokens}
+        if not seqs:
+            return None
+        lanes = range(self.width) if self.fixed_width else sorted(seqs)
+        positions = np.array([seqs[lane].position if lane in seqs else 0 for lane in lanes])
+        slots = np.array([seqs[lane].slot if lane in seqs else self.cache.dummy_slot for lane in lanes])
+        if self.pending is None:  # every input token is known on the host
+            tokens = np.array([seqs[lane].tokens[-1] if lane in seqs else 0 for lane in lanes])
+        else:  # the decode in flight chose them on the device
+            tokens = self._next_tokens
+        logits = self.runner.decode(tokens, positions, slots)
+        for seq in seqs.values():
+            seq.position += 1
+            self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
+        if overlap:
+            if self._next_tokens is None:
+                self._next_tokens = self.runner.backend.from_host(np.zeros(self.width), "u32")
+            rows = [seqs.get(lane) for lane in lanes]
+            return _Launch(seqs, self.sampler.choose_later(logits, rows, self._next_tokens))
+        rows = [row for row, lane in enumerate(lanes) if lane in seqs]
+        picked = logits if len(rows) == len(lanes) else logits[rows]
+        chosen = self.sampler.choose(picked, [seqs[lanes[row]] for row in rows])
+        return _Launch(seqs, _Ready({lanes[row]: token for row, token in zip(rows, chosen)}))
+
+    def _resolve(self, launch: _Launch) -> list[tuple[Sequence, str]]:
+        """Wait for a decode step's tokens and move its sequences on (those that finished or
+        were cancelled meanwhile are skipped: their row was a wasted guess)."""
+        tokens = launch.tokens.result()
+        events = []
+        for lane, seq in launch.seqs.items():
+            if seq.finish_reason is not None:
+                continue
+            self._in_flight[seq] -= 1
+            seq.decode_steps += 1
+            events.append((seq, self._advance(seq, int(tokens[lane]))))
+        self._in_flight = {s: n for s, n in self._in_flight.items() if n and s.finish_reason is None}
+        return events
+
+    def _advance(self, seq: Sequence, token: int) -> str:
+        if token in self.eos_ids and not seq.cfg.ignore_eos:
+            return self._finish(seq, "stop")
+        piece = seq.stream.push(token)
+        if seq.stream.stopped:
+            return piece + self._finish(seq, "stop")
+        if len(seq.tokens) >= seq.cfg.max_new_tokens:
+            return piece + self._finish(seq, "length")
+        return piece
+
+    def _finish(self, seq: Sequence, reason: str) -> str:
+        seq.finish_reason = reason
+        self._release(seq)
+        if seq._decode_start is not None:
+            seq.decode_s = time.perf_counter() - seq._decode_start
+        return seq.stream.flush() if reason != "error" else ""
+
+    def _release(self, seq: Sequence) -> None:
+        del self.running[seq.lane]
+        heapq.heappush(self.free_lanes, seq.lane)
+        self.cache.release(seq.slot)
