@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends.protocol import Backend
 from .graph import Graph, Node
 from .passes import optimize
 from .plan import Plan, build_plan
@@ -29,7 +30,7 @@ class CompileOptions:
     optimize: bool = True       # run the fusion passes
 
 
-def make_backend(options: CompileOptions):
+def make_backend(options: CompileOptions) -> Backend:
     if options.backend == "numpy":
         from .backends.numpy_backend import NumpyBackend
         return NumpyBackend(options)
