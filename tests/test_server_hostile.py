@@ -223,6 +223,18 @@ def test_half_sent_headers_are_closed_and_connections_are_capped(pipe):
         assert post(url, ask("hi")).status_code == 200
 
 
+def test_a_trickled_body_gets_408_at_its_deadline(pipe):
+    with serving(pipe, max_batch=SLOTS, max_context=CONTEXT, body_timeout_s=1) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            s.settimeout(5)
+            t0 = time.monotonic()
+            answer = b"".join(iter(lambda: s.recv(4096), b""))  # until the server closes
+            assert time.monotonic() - t0 < 2.5
+        assert answer.startswith(b"HTTP/1.1 408") and b'"code": "body_timeout"' in answer, answer
+        assert post(url, ask("hi")).status_code == 200
+
+
 # ---- absurd sizes (item 5) ---------------------------------------------------------------------
 def test_the_kv_cache_budget_bounds_every_setting(pipe, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--max-batch 100000 x 256 tokens needs [\d,.]+ GiB of KV cache .* budget"):

@@ -272,7 +272,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
-        body = await _read_body(request, config.max_body_bytes)
+        body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         req = await run_in_threadpool(read, body)
         enc, cfg = await run_in_threadpool(prepare, req, await fetch(req))
         job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
@@ -309,17 +309,27 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    # Both refusals close the connection: the rest of the body would follow on it otherwise.
+    close = {"Connection": "close"}
+    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large",
+                       headers=close)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+    try:  # a deadline for the whole body: a client trickling it would hold its connection for ever
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout",
+                       headers=close) from None
 
 
 def _no_constant(name: str):

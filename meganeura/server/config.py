@@ -31,6 +31,7 @@ class ServerConfig:
     allow_private_media_hosts: bool = False   # fetch loopback, private, link-local... addresses too
     kv_cache_bytes: int = KV_CACHE_BUDGET
     header_timeout_s: float = 10.0        # a connection must send a request's headers within this
+    body_timeout_s: float = 60.0          # ... and its body within this (32 MB at 0.5 MB/s)
     keep_alive_s: float = 5.0             # idle time before a kept-alive connection is closed
     max_connections: int = 1024           # open connections; more are closed on arrival
 
@@ -39,7 +40,7 @@ class ServerConfig:
                      "max_remote_fetches", "kv_cache_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("remote_timeout_s", "header_timeout_s", "keep_alive_s"):
+        for name in ("remote_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
