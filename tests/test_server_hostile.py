@@ -220,6 +220,16 @@ def test_half_sent_headers_are_closed_and_connections_are_capped(pipe):
             assert time.monotonic() - t0 < 2
         for s in slow:
             s.close()
+        # a body refused for its size (413) and then trickled on is cut off too
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{")
+            assert s.recv(4096).startswith(b"HTTP/1.1 413")
+            t0 = time.monotonic()
+            with pytest.raises(OSError):  # a broken pipe or a reset, once the server has closed it
+                while time.monotonic() - t0 < 5:
+                    s.sendall(b" ")
+                    time.sleep(0.1)
+            assert time.monotonic() - t0 < 2
         assert post(url, ask("hi")).status_code == 200
 
 

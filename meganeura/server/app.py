@@ -310,10 +310,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    # Both refusals close the connection: the rest of the body would follow on it otherwise.
-    close = {"Connection": "close"}
-    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large",
-                       headers=close)
+    too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
@@ -328,8 +325,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     try:  # a deadline for the whole body: a client trickling it would hold its connection for ever
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
+        # closed: the rest of the body would follow on this connection otherwise
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout",
-                       headers=close) from None
+                       headers={"Connection": "close"}) from None
 
 
 def _no_constant(name: str):

@@ -5,8 +5,10 @@ a request's headers, and its limit_concurrency answers 503 only once a request h
 connections that send a partial header and stop ("slowloris") stay open for ever, each holding
 a file descriptor, until the server can accept no more. The protocol below closes a
 connection whose headers are not complete within header_timeout_s (counted from the
-connection, or from the end of the previous response), and closes new connections at once
-beyond max_connections.
+connection, or from the end of the previous response; the rest of a refused body must arrive
+by then too), and closes new connections at once
+beyond max_connections. It is uvicorn's h11 protocol (also where httptools is installed, which
+uvicorn would pick otherwise): the deadline reads h11's connection state.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _GuardedH11(H11Protocol):
             self._header_timer.cancel()
 
     def _headers_late(self) -> None:
-        # their_state leaves IDLE once a request's headers are complete
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        # their_state leaves IDLE once a request's headers are complete; our_state stays DONE
+        # only while the client still sends the body of a request already answered (a 413)
+        if (self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE) and not self.transport.is_closing():
             self.transport.close()
