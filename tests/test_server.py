@@ -173,7 +173,7 @@ def test_remote_and_local_media_only_where_allowed(pipe, strict, tmp_path):
     remote = f"http://127.0.0.1:{files.server_address[1]}"
     try:
         with serving(pipe, max_batch=SLOTS, max_context=CONTEXT, allow_remote_media=True,
-                     media_root=str(root)) as url:
+                     allow_private_media_hosts=True, media_root=str(root)) as url:
             for source in (remote + "/photo.png", str(root / "photo.png"), "photo.png"):
                 assert answer(url, [user("What is this?", source)], max_tokens=8) == expected
             for source, says in ((remote + "/sneaky", "only http and https"),
@@ -224,7 +224,7 @@ def test_cli_serve_listens_on_loopback_and_answers(pipe):
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if httpx.get(url + "/health", headers={"Authorization": "Bearer k"}).status_code == 200:
                     break
             except httpx.ConnectError:
                 time.sleep(0.2)

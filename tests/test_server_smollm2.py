@@ -69,8 +69,11 @@ def test_openai_client_streaming_and_not(pipe):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
             r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": question}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(url + "/health").status_code == 200  # only /v1 needs the key
-        assert httpx.get(url + "/metrics").status_code == 200
+        for path in ("/health", "/metrics"):  # they tell load and usage
+            assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + "/v1/models/").status_code == 404  # not a 307 before the key is checked
+        key = {"Authorization": "Bearer sesame"}
+        assert all(httpx.get(url + path, headers=key).status_code == 200 for path in ("/health", "/metrics"))
 
 
 def test_concurrent_requests_equal_their_solo_answers(pipe):

@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -20,10 +21,13 @@ from starlette.exceptions import HTTPException
 from ..generate import GenerationConfig
 from ..processing.image import load_image
 from .config import ServerConfig, request_context
+from .connections import uvicorn_config
 from .engine import Engine, Job, QueueFull
-from .media import MediaError, MediaPolicy
+from .fetch import FetchBusy, RemoteFetcher
+from .media import MediaError, MediaPolicy, is_remote
+from .memory import TrimAfterBigBodies
 from .metrics import CONTENT_TYPE, Metrics
-from .schema import ImagePart, chunk, completion, error_body, new_id, parse_request, usage
+from .schema import ChatRequest, ImagePart, chunk, completion, error_body, new_id, parse_request, usage
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
@@ -39,14 +43,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.code), self.status, headers=self.headers)
+    def response(self) -> Response:
+        # json.dumps escapes non-ASCII: a message quoting odd client input always encodes
+        return Response(json.dumps(error_body(self.message, self.type, self.code)), self.status,
+                        headers=self.headers, media_type="application/json")
 
 
 class _CountRequests:
     """ASGI middleware: counts /v1 responses by endpoint and status (streams stay untouched)."""
-
-    ENDPOINTS = ("/v1/chat/completions", "/v1/models")
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -55,7 +59,7 @@ class _CountRequests:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/"):
             return await self.app(scope, receive, send)
-        endpoint = path if path in self.ENDPOINTS else "other"
+        endpoint = _endpoint(path)
 
         async def counted(message):
             if message["type"] == "http.response.start":
@@ -64,11 +68,23 @@ class _CountRequests:
         await self.app(scope, receive, counted)
 
 
+def _endpoint(path: str) -> str:
+    return path if path in ("/v1/chat/completions", "/v1/models") else "other"
+
+
 def create_app(pipe, config: ServerConfig) -> FastAPI:
+    if config.max_batch > pipe.runner.max_slots:
+        raise ValueError(f"--max-batch {config.max_batch}: at most {pipe.runner.max_slots} sequences run at once")
     max_context = request_context(pipe.runner, config.max_context)
+    # No token is longer than the vocabulary's longest entry (byte-level: one character a byte at
+    # most), so text longer than this cannot fit the context: refused before any tokenizing.
+    token_chars = max(map(len, pipe.tokenizer.get_vocab(with_added_tokens=True)))
+    max_chars = token_chars * max_context
     metrics = Metrics(config.max_batch)
     engine = Engine(pipe, config.max_batch, config.max_queue, metrics)
-    media = MediaPolicy(config.allow_remote_media, config.media_root, config.max_media_bytes, config.remote_timeout_s)
+    media = MediaPolicy(config.media_root, config.max_media_bytes)
+    fetcher = RemoteFetcher(config.allow_remote_media, config.allow_private_media_hosts, config.max_media_bytes,
+                            config.remote_timeout_s, config.max_remote_fetches)
     metrics.gauges.update(
         queue_depth=("Requests waiting for a slot.", engine.queue_depth),
         running_sequences=("Sequences being generated.", engine.running),
@@ -83,13 +99,23 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="meganeura", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.max_context = engine, max_context
+    # redirect_slashes off: /v1/models/ would answer 307 before the key is checked
+    app = FastAPI(title="meganeura", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
+    app.state.engine, app.state.max_context, app.state.config = engine, max_context, config
     app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(TrimAfterBigBodies)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
         return e.response()
+
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):
+        # A bug: bad input is a 4xx before it gets here. Starlette logs the traceback after this;
+        # its answer comes from outside _CountRequests, so it is counted here.
+        metrics.request(_endpoint(request.url.path), 500)
+        return ApiError(500, "internal server error (details in the server's log)", type_="server_error").response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):  # unknown routes and methods, in the same JSON shape
@@ -104,28 +130,62 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    keyed = APIRouter(dependencies=[Depends(require_key)])  # /health and /metrics tell load and usage
 
     @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "meganeura",
                                             "max_model_len": max_context}]}
 
-    # ---- turning a request into a job (in a worker thread: decoding images is slow) ------
-    def image(part: ImagePart, index: int):
+    # ---- turning a request into a job -----------------------------------------------------
+    def read(body: bytes) -> ChatRequest:
+        """JSON and schema, then the cheap bounds (in a worker thread: a body may be 32 MB)."""
         try:
-            return load_image(media.open(part.image_url.url), max_pixels=config.max_image_pixels)
-        except MediaError as e:
-            raise ApiError(400, f"image {index}: {e}", code="media_not_allowed") from None
+            data = json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        try:
+            req = parse_request(data)
         except ValueError as e:
-            raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
-
-    def prepare(req) -> tuple[object, GenerationConfig]:
-        count = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
+            raise ApiError(400, str(e), code="invalid_request") from None
+        if req.model != model:
+            raise ApiError(404, f"model {req.model!r} does not exist: this server serves {model!r}",
+                           code="model_not_found")
+        chars = sum(map(len, req.texts()))
+        if chars > max_chars:
+            raise ApiError(400, f"the messages hold {chars} characters of text; this server's context of {max_context} "
+                                f"tokens holds at most {max_chars} ({token_chars} characters a token at most)",
+                           code="context_length_exceeded")
+        count = len(req.image_urls())
         if count > config.max_images:
             raise ApiError(400, f"{count} images in the request; this server takes at most {config.max_images}",
                            code="too_many_images")
         if count and pipe.spec.vlm is None:
             raise ApiError(400, f"model {model!r} reads text only: remove the image parts", code="images_not_supported")
+        return req
+
+    async def fetch(req: ChatRequest) -> dict[str, bytes]:
+        remote = [url for url in req.image_urls() if is_remote(url)]
+        if not remote:
+            return {}
+        try:
+            return await fetcher.fetch(remote)
+        except MediaError as e:
+            raise ApiError(400, f"remote image: {e}", code="media_not_allowed") from None
+        except FetchBusy as e:
+            raise ApiError(429, f"the server is busy ({e}): retry shortly or send the image as a data: URL",
+                           code="fetches_busy", type_="server_busy", headers={"Retry-After": "1"}) from None
+
+    def image(url: str, index: int, fetched: dict[str, bytes]):
+        try:
+            return load_image(fetched[url] if url in fetched else media.open(url), max_pixels=config.max_image_pixels)
+        except MediaError as e:
+            raise ApiError(400, f"image {index}: {e}", code="media_not_allowed") from None
+        except ValueError as e:
+            raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
+
+    def prepare(req: ChatRequest, fetched: dict[str, bytes]) -> tuple[object, GenerationConfig]:
+        """Images decoded and the prompt tokenized (in a worker thread: both are slow)."""
         messages, seen = [], 0
         for m in req.messages:
             if isinstance(m.content, str):
@@ -134,7 +194,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             parts = []
             for p in m.content:
                 if isinstance(p, ImagePart):
-                    parts.append({"type": "image", "image": image(p, seen)})
+                    parts.append({"type": "image", "image": image(p.image_url.url, seen, fetched)})
                     seen += 1
                 else:
                     parts.append({"type": "text", "text": p.text})
@@ -149,10 +209,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             asked = f" + {limit} for the answer (max_tokens)" if limit else ""
             raise ApiError(400, f"this server's context is {max_context} tokens per request; the messages take "
                                 f"{n}{asked}", code="context_length_exceeded")
-        cfg = GenerationConfig(max_new_tokens=limit or room, seed=req.seed, stop=tuple(req.stop),
-                               temperature=1.0 if req.temperature is None else req.temperature,
-                               top_p=1.0 if req.top_p is None else req.top_p)
-        return enc, cfg
+        return enc, req.sampling(limit or room)
 
     # ---- running a job ----------------------------------------------------------------
     async def answer(job: Job):
@@ -217,19 +274,9 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
-        body = await _read_body(request, config.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        try:
-            req = parse_request(data)
-        except ValueError as e:
-            raise ApiError(400, str(e), code="invalid_request") from None
-        if req.model != model:
-            raise ApiError(404, f"model {req.model!r} does not exist: this server serves {model!r}",
-                           code="model_not_found")
-        enc, cfg = await run_in_threadpool(prepare, req)
+        body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+        req = await run_in_threadpool(read, body)
+        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req))
         job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
         try:
             engine.submit(job)
@@ -245,15 +292,17 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @keyed.get("/health")
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "engine stopped"}, 503)
         return {"status": "ok", "model": model, "running": engine.running(), "queued": engine.queue_depth()}
 
-    @app.get("/metrics")
+    @keyed.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(keyed)
 
     @app.get("/")
     async def page():
@@ -262,17 +311,29 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     too_big = ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+    try:  # a deadline for the whole body: a client trickling it would hold its connection for ever
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        # closed: the rest of the body would follow on this connection otherwise
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout",
+                       headers={"Connection": "close"}) from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
 
 
 async def _disconnected(request: Request) -> None:
@@ -287,8 +348,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def serve(pipe, config: ServerConfig) -> None:
     """`meganeura serve`: blocks until interrupted."""
-    import uvicorn
-
     if config.host not in LOOPBACK and config.api_key is None:
         print(f"warning: listening on {config.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -296,7 +355,8 @@ def serve(pipe, config: ServerConfig) -> None:
     cache = pipe.runner.cache
     print(f"serving {config.model_id} on http://{config.host}:{config.port} ({config.max_batch} sequences at once, "
           f"{app.state.max_context} tokens each; KV cache of {cache.capacity_tokens} tokens)", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, config, host=config.host, port=config.port, log_level="info",
+                                  timeout_graceful_shutdown=5)).run()
 
 
 class ServerThread:
@@ -306,9 +366,8 @@ class ServerThread:
     """
 
     def __init__(self, app) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.config, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))

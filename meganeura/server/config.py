@@ -19,12 +19,22 @@ class ServerConfig:
     max_images: int = 4                   # per request
     max_image_pixels: int = 16_777_216    # per image, checked before decoding (4096 x 4096)
     max_media_bytes: int = 20 * 2**20     # one fetched URL or local file
-    remote_timeout_s: float = 10.0
+    remote_timeout_s: float = 10.0        # all of one request's remote images, redirects included
+    max_remote_fetches: int = 8           # requests fetching remote images at once; one more gets 429
+    allow_private_media_hosts: bool = False   # fetch loopback, private, link-local... addresses too
+    header_timeout_s: float = 10.0        # a connection must send a request's headers within this
+    body_timeout_s: float = 60.0          # ... and its body within this (32 MB at 0.5 MB/s)
+    keep_alive_s: float = 5.0             # idle time before a kept-alive connection is closed
+    max_connections: int = 1024           # open connections; more are closed on arrival
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_image_pixels", "max_media_bytes"):
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_image_pixels", "max_media_bytes",
+                     "max_remote_fetches", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("remote_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 

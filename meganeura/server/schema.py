@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag,
+                      ValidationError, field_validator)
+from pydantic_core import PydanticCustomError
+
+from ..generate import GenerationConfig
+
+PART_TYPES = ("text", "image_url")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(s: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); Python keeps it, then the tokenizer and the
+    # UTF-8 encoder fail on it deep inside a request. (A search, not an encode: no copy of a 20 MB text.)
+    found = not s.isascii() and _SURROGATE.search(s)
+    if found:
+        raise PydanticCustomError("unicode", "a lone surrogate ({code}) at character {at} is not valid text",
+                                  {"code": f"\\u{ord(found.group()):04x}", "at": found.start()})
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Model(BaseModel):
@@ -14,12 +35,12 @@ class _Model(BaseModel):
 
 
 class ImageURL(_Model):
-    url: str = Field(min_length=1)
+    url: Text = Field(min_length=1)
 
 
 class TextPart(_Model):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(_Model):
@@ -27,49 +48,115 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
+# Tagged unions, so that an error reports only the branch the input meant: a plain union of
+# str and list would answer every bad part with "content.str: Input should be a valid string".
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+Content = Annotated[Annotated[Text, Tag("str")] | Annotated[list[Part], Tag("parts")],
+                    Discriminator(lambda v: "str" if isinstance(v, str) else "parts")]
+
+
 class Message(_Model):
     role: Literal["system", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+    content: Content
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v and isinstance(v, list):
+            raise PydanticCustomError("empty", "an empty list of parts: give a string or at least one part")
+        return v
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+def _number(**bounds):
+    # strict: "5" and true are not numbers; NaN and inf are refused with their own message
+    return Field(None, strict=True, allow_inf_nan=False, **bounds)
 
 
 class ChatRequest(_Model):
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = Field(None, validate_default=True)   # always a list after validation
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = _number(ge=0, le=2)
+    top_p: float | None = _number(gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0)                 # extras vLLM accepts too
+    repetition_penalty: float | None = _number(gt=0)
+    seed: StrictInt | None = Field(None, ge=0)
+    stop: list[Text] = Field([], max_length=4)   # a string, a list of them, or null
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1)   # one choice per request
+    n: StrictInt | None = Field(None, ge=1, le=1)   # one choice per request
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _listed(cls, v):
+        return [v] if isinstance(v, str) else [] if v is None else v
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or not all(stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return stops
+        if not all(v):
+            raise PydanticCustomError("empty", "stop strings must not be empty")
+        return v
 
     @property
     def answer_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def sampling(self, max_new_tokens: int) -> GenerationConfig:
+        """The request's settings; those it leaves out are GenerationConfig's defaults."""
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                 if getattr(self, k) is not None}
+        return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop), **given)
+
+    def texts(self):
+        """Every text the prompt is made of (for the size bound checked before tokenizing)."""
+        for m in self.messages:
+            if isinstance(m.content, str):
+                yield m.content
+            else:
+                yield from (p.text for p in m.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        return [p.image_url.url for m in self.messages if isinstance(m.content, list)
+                for p in m.content if isinstance(p, ImagePart)]
+
 
 def parse_request(data) -> ChatRequest:
-    """Raises ValueError naming the first problem, e.g. "messages.0.role: Input should be ..."."""
+    """Raises ValueError naming the first problem, e.g. "messages.0.content.1: unknown part type 'audio'"."""
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "body"
-        raise ValueError(f"{where}: {err['msg']}") from None
+        err = e.errors(include_url=False)[0]
+        loc = list(err["loc"])
+        if "content" in loc[:-1]:  # drop the tags of the unions: content's ("str"/"parts") and a part's type
+            k = loc.index("content") + 1
+            del loc[k]
+            if len(loc) > k + 1:
+                del loc[k + 1]
+        raise ValueError(f"{'.'.join(map(str, loc)) or 'body'}: {_explain(err, loc)}") from None
+
+
+def _explain(err: dict, loc: list) -> str:
+    """Clearer words where pydantic's own are vague."""
+    kind, allowed = err["type"], "allowed: " + ", ".join(PART_TYPES)
+    if kind == "union_tag_invalid":
+        return f"unknown part type {err['ctx']['tag']!r}; {allowed}"
+    if kind == "union_tag_not_found":
+        return f"a part needs a 'type'; {allowed}"
+    if kind in ("model_type", "model_attributes_type"):
+        if loc and loc[-1] == "image_url":
+            return 'must be an object: {"url": "data:image/png;base64,..."}'
+        return "must be a JSON object"
+    if kind == "list_type" and loc and loc[-1] == "content":
+        return f"must be a string or a list of parts ({allowed})"
+    if kind == "finite_number":
+        return "must be a finite number"
+    return err["msg"]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
