@@ -1,12 +1,60 @@
-"""Command line: `meganeura run | chat | inspect | serve`. Answers go to stdout, diagnostics to stderr."""
+"""Command line: `meganeura run | chat | inspect | serve`. Answers go to stdout, diagnostics to stderr.
+
+Every failure the user can fix (a bad flag, file, checkpoint or device) is one `error:` line on
+stderr and exit status 2; arguments and files are checked before the model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import math
+import os
 import sys
+from pathlib import Path
 
-from .pipeline import DEFAULT_MODEL
+from .generate import GenerationConfig
+from .pipeline import DEFAULT_MODEL, DEVICES, DTYPES, compile_options
 
+MODEL_HELP = "local folder, .gguf file, Hub id, or smollm2-135m-instruct (default: %(default)s)"
+CHAT_COMMANDS = """commands:
+  /image PATH   attach an image to the next message
+  /video PATH   attach a video to the next message
+  /reset        start a new conversation (the --system message stays)
+  /help         this list
+  /quit         leave (or end of input)"""
+
+
+# ---- argument types: a bad value is an argparse error naming the flag ---------------------------
+
+def _device(text: str) -> str:
+    if not DEVICES.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from auto, cpu, cuda, cuda:N)")
+    return text
+
+
+def _number(kind, low: float = -math.inf, high: float = math.inf):
+    what = "an integer" if kind is int else "a finite number"
+    what += f" from {low} to {high}" if high < math.inf else f" >= {low}" if low > -math.inf else ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+            fine = (kind is int or math.isfinite(value)) and low <= value <= high
+        except ValueError:
+            fine = False
+        if not fine:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive = _number(int, 1)
+_count = _number(int, 0)
+_real = _number(float)
+
+
+# ---- messages and settings ------------------------------------------------------------------------
 
 def _user_message(text: str, images: list[str], videos: tuple[str, ...] | list[str] = (),
                   max_frames: int | None = None) -> dict:
@@ -15,62 +63,132 @@ def _user_message(text: str, images: list[str], videos: tuple[str, ...] | list[s
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
+def _system(args) -> list[dict]:
+    return [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
+
+
 def _settings(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    """The generation settings, validated now: a bad value fails before the model loads."""
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+                "stop": tuple(args.stop)}
+    GenerationConfig(**settings)
+    return settings
 
 
-def _load(args):
-    from .pipeline import load
+def _check_file(kind: str, path: str) -> None:
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: {kind} file not found")
+
+
+def _prompt(args) -> str:
+    """The prompt argument, or stdin when it is '-' or left out with input piped in."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if args.prompt is None and sys.stdin.isatty():
+        args.parser.error("the prompt is missing: give it as an argument, or pipe it in ('-' reads stdin)")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise ValueError("the prompt read from stdin is empty")
+    return text
+
+
+# ---- model ----------------------------------------------------------------------------------------
+
+def _load(args, media: bool = False):
+    """The pipeline; with `media`, refuses a text-only model before its weights load."""
+    from .pipeline import Pipeline, model_spec
+    from .weights import load_checkpoint
+    try:
+        options = compile_options(args.device, args.dtype)  # a missing GPU fails before any download
+    except ValueError as e:  # its messages begin with the setting's name: make that the flag's
+        raise ValueError(f"--{e}") from None
     print(f"loading {args.model} ...", file=sys.stderr)
-    return load(args.model, device=args.device, dtype=args.dtype)
+    checkpoint = load_checkpoint(args.model)
+    if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
+        raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
+    return Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None)
 
 
-def _stream(pipe, messages, settings) -> str:
+def _stream(pipe, messages, settings, verbose: bool) -> str:
+    gen = pipe.stream(messages, **settings)  # returns the GenerationResult, with the timings
     pieces = []
-    for piece in pipe.stream(messages, **settings):
+    while True:
+        try:
+            piece = next(gen)
+        except StopIteration as done:
+            result = done.value
+            break
         pieces.append(piece)
         print(piece, end="", flush=True)
-    print()
+    print(flush=True)
+    if verbose:
+        t = result.timings
+        prefill = result.prompt_tokens / t["prefill_s"] if t["prefill_s"] else 0.0
+        print(f"prompt: {result.prompt_tokens} tokens in {t['prefill_s']:.2f} s ({prefill:.1f} tok/s); "
+              f"answer: {t['new_tokens']} tokens, decoded in {t['decode_s']:.2f} s ({t['tokens_per_s']:.1f} tok/s)",
+              file=sys.stderr)
     return "".join(pieces)
 
 
+# ---- commands -------------------------------------------------------------------------------------
+
 def cmd_run(args) -> None:
-    pipe = _load(args)
-    _stream(pipe, [_user_message(args.prompt, args.image, args.video, args.max_frames)], _settings(args))
+    settings = _settings(args)
+    prompt = _prompt(args)
+    for kind, paths in (("image", args.image), ("video", args.video)):
+        for path in paths:
+            _check_file(kind, path)
+    pipe = _load(args, media=bool(args.image or args.video))
+    messages = _system(args) + [_user_message(prompt, args.image, args.video, args.max_frames)]
+    _stream(pipe, messages, settings, args.verbose)
 
 
 def cmd_chat(args) -> None:
+    settings = _settings(args)
     pipe = _load(args)
-    print("chat: type a message; /image PATH or /video PATH attaches a file, /reset starts over, /quit leaves.",
-          file=sys.stderr)
-    history, pending, pending_videos = [], [], []
+    print("chat: type a message; /help lists the commands.", file=sys.stderr)
+    history, attached = _system(args), {"image": [], "video": []}
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
             break
+        command, _, path = line.partition(" ")
         if not line:
             continue
-        if line == "/quit":
+        if command == "/quit":
             break
-        if line == "/reset":
-            history, pending, pending_videos = [], [], []
-            continue
-        if line.startswith("/image "):
-            pending.append(line[len("/image "):].strip())
-            continue
-        if line.startswith("/video "):
-            pending_videos.append(line[len("/video "):].strip())
-            continue
-        message = _user_message(line, pending, pending_videos, args.max_frames)
-        try:
-            print("assistant> ", end="", flush=True)
-            answer = _stream(pipe, history + [message], _settings(args))
-        except ValueError as e:  # a bad image or video, an over-long conversation: say so, keep chatting
-            print(f"\nerror: {e}", file=sys.stderr)
-            continue
-        history += [message, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        pending, pending_videos = [], []
+        if command == "/help":
+            print(CHAT_COMMANDS, file=sys.stderr)
+        elif command == "/reset":
+            history, attached = _system(args), {"image": [], "video": []}
+        elif command in ("/image", "/video"):
+            kind, path = command[1:], path.strip()
+            try:  # refused now, so that it never rides along with later messages
+                if not path:
+                    raise ValueError(f"{command} needs a PATH")
+                if pipe.spec.vlm is None:
+                    raise ValueError("this model reads text only: it cannot take images or videos")
+                _check_file(kind, path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            attached[kind].append(path)
+        elif line.startswith("/"):
+            print(f"error: unknown command {command!r:.40}; /help lists the commands", file=sys.stderr)
+        else:
+            message = _user_message(line, attached["image"], attached["video"], args.max_frames)
+            dropped, attached = any(attached.values()), {"image": [], "video": []}
+            try:
+                print("assistant> ", end="", flush=True)
+                answer = _stream(pipe, history + [message], settings, args.verbose)
+            except ValueError as e:  # a bad image or video, an over-long conversation: say so, keep chatting
+                note = " (the attachments were dropped; the conversation so far is kept)" if dropped else ""
+                print(flush=True)  # ends the "assistant> " line
+                print(f"error: {e}{note}", file=sys.stderr)
+                continue
+            history += [message, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
 def cmd_inspect(args) -> None:
@@ -82,7 +200,7 @@ def cmd_inspect(args) -> None:
     from .session import Session
     from .weights import load_checkpoint
     ckpt = load_checkpoint(args.model)
-    spec = model_spec(ckpt.config)
+    spec = model_spec(ckpt.config, ckpt.tensors, ckpt.config_name)
     print(f"model: {ckpt.source}")
     print(f"text: {spec.text}")
     if spec.vlm:
@@ -104,62 +222,114 @@ def cmd_serve(args) -> None:
     try:
         from .server import ServerConfig, serve
     except ImportError as e:
-        raise ValueError(f"the server needs FastAPI and uvicorn: pip install 'meganeura[serve]' ({e})") from None
+        raise ValueError(f"the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})") from None
     config = ServerConfig(host=args.host, port=args.port, model_id=args.model, max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue, api_key=args.api_key,
                           allow_remote_media=args.allow_remote_media, media_root=args.media_root,
                           max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
-                          max_image_pixels=args.max_image_pixels)
+                          max_image_pixels=args.max_image_pixels, max_remote_fetches=args.max_remote_fetches,
+                          allow_private_media_hosts=args.allow_private_media_hosts,
+                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                          keep_alive_s=args.keep_alive, max_connections=args.max_connections)
     serve(_load(args), config)
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---- parser ---------------------------------------------------------------------------------------
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("meganeura")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meganeura", description="Run SmolVLM2 / SmolLM2 locally.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help="local folder, .gguf file, Hub id, or smollm2-135m-instruct (default: %(default)s)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-        p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--max-frames", type=int, default=None,
-                       help="sample at most this many frames per video (default: the checkpoint's, 64 for SmolVLM2)")
+    def command(name: str, fn, help: str, device: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn, parser=p)  # main() reports stray arguments with this command's usage
+        p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+        if device:
+            p.add_argument("--device", type=_device, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                           help="where to run (default: %(default)s: a CUDA GPU when there is one)")
+            p.add_argument("--dtype", choices=DTYPES, default="auto",
+                           help="weights and activations (default: %(default)s: bfloat16 on a GPU, else float32)")
+            p.add_argument("--kv-cache-mb", type=_positive, default=None, metavar="MB",
+                           help="the KV cache's budget (default: a fifth of free GPU memory; on the CPU 2 GiB of "
+                                "address space, taken as RAM only by tokens in use)")
+        return p
 
-    run = sub.add_parser("run", help="answer one prompt, streaming")
-    common(run)
-    run.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
-    run.add_argument("--video", action="append", default=[], help="a video file (repeatable; needs PyAV)")
-    run.add_argument("prompt")
-    run.set_defaults(fn=cmd_run)
-    chat = sub.add_parser("chat", help="an interactive conversation")
-    common(chat)
-    chat.set_defaults(fn=cmd_chat)
-    inspect = sub.add_parser("inspect", help="config, parameter count, graph and plan summary")
-    inspect.add_argument("--model", default=DEFAULT_MODEL)
-    inspect.set_defaults(fn=cmd_inspect)
-    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page at /")
-    srv.add_argument("--model", default=DEFAULT_MODEL)
-    srv.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    def generation(p: argparse.ArgumentParser) -> None:
+        defaults = GenerationConfig()
+        p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the conversation")
+        p.add_argument("--max-new-tokens", type=_count, default=defaults.max_new_tokens, metavar="N",
+                       help="the longest answer, in tokens (default: %(default)s)")
+        p.add_argument("--temperature", type=_real, default=defaults.temperature, metavar="T",
+                       help="0 = greedy (default)")
+        p.add_argument("--top-k", type=_count, default=defaults.top_k, metavar="K", help="0 = off (default)")
+        p.add_argument("--top-p", type=_real, default=defaults.top_p, metavar="P", help="(0, 1]; 1 = off (default)")
+        p.add_argument("--repetition-penalty", type=_real, default=defaults.repetition_penalty, metavar="R",
+                       help="> 0; 1 = off (default)")
+        p.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="makes sampling reproducible")
+        p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="end the answer before this text (repeatable)")
+        p.add_argument("--max-frames", type=_positive, default=None, metavar="N",
+                       help="sample at most this many frames per video (default: the checkpoint's, 64 for SmolVLM2)")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="print token counts and speeds (prefill and decode tok/s) to stderr")
+
+    run = command("run", cmd_run, "answer one prompt, streaming")
+    generation(run)
+    run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    run.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video file (repeatable; needs PyAV)")
+    run.add_argument("prompt", nargs="?", help="the question; '-' or none (with input piped in) reads stdin")
+    generation(command("chat", cmd_chat, "an interactive conversation (/help lists its commands)"))
+    command("inspect", cmd_inspect, "config, parameter count, graph and plan summary", device=False)
+    srv = command("serve", cmd_serve, "an OpenAI-compatible HTTP server with a chat page at /")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default: %(default)s)")
-    srv.add_argument("--max-context", type=int, default=None,
-                     help="tokens per request, prompt + answer (default: the model's, capped to a 2 GiB KV cache)")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--port", type=_number(int, 1, 65535), default=8000)
+    srv.add_argument("--max-batch", type=_positive, default=8,
+                     help="sequences generated together (default: %(default)s)")
+    srv.add_argument("--max-context", type=_positive, default=None,
+                     help="tokens per request, prompt + answer (default: the model's, capped to what the KV cache "
+                          "holds for one sequence)")
+    srv.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for a slot before 429")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /health and /metrics")
     srv.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) image URLs")
     srv.add_argument("--media-root", default=None, help="let requests read image files inside this folder")
-    srv.add_argument("--max-body-mb", type=int, default=32)
-    srv.add_argument("--max-images", type=int, default=4, help="images per request")
-    srv.add_argument("--max-image-pixels", type=int, default=16_777_216, help="pixels per image")
-    srv.set_defaults(fn=cmd_serve)
+    srv.add_argument("--max-body-mb", type=_positive, default=32)
+    srv.add_argument("--max-images", type=_count, default=4, help="images per request")
+    srv.add_argument("--max-image-pixels", type=_positive, default=16_777_216, help="pixels per image")
+    srv.add_argument("--max-remote-fetches", type=_positive, default=8,
+                     help="requests fetching remote images at once; one more gets 429 (default: %(default)s)")
+    srv.add_argument("--allow-private-media-hosts", action="store_true",
+                     help="let remote image URLs reach loopback, private and link-local addresses")
+    srv.add_argument("--header-timeout", type=_real, default=10.0, metavar="S",
+                     help="seconds to send a request's headers (default: %(default)s)")
+    srv.add_argument("--body-timeout", type=_real, default=60.0, metavar="S",
+                     help="seconds to send a request's body (default: %(default)s)")
+    srv.add_argument("--keep-alive", type=_real, default=5.0, metavar="S",
+                     help="seconds an idle connection stays open (default: %(default)s)")
+    srv.add_argument("--max-connections", type=_positive, default=1024,
+                     help="open connections; more are closed on arrival (default: %(default)s)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args, stray = _parser().parse_known_args(argv)
+    if stray:
+        args.parser.error(f"unrecognized arguments: {' '.join(stray)}")
     try:
         args.fn(args)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Later writes, and the interpreter's
+        # final flush, go to /dev/null instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a tool killed by the signal reports
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,52 +7,112 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Mapping
 
 import numpy as np
 
+from .engine.kv_cache import CacheLayout
 from .engine.runner import ModelRunner, ModelSpec
 from .engine.scheduler import Scheduler
 from .generate import GenerationConfig, GenerationResult, Prompt, drain, generate_stream
+from .graph import Graph
 from .models import smollm2
+from .models.llama import build_text_step
+from .models.siglip import PREFIX as VISION_PREFIX
 from .models.smolvlm2 import NAMES as VLM_NAMES
-from .models.smolvlm2 import SmolVLM2Config
+from .models.smolvlm2 import SmolVLM2Config, build_vision_graph
 from .processing.image import ImageProcessorConfig, load_image, preprocess_images
 from .processing.prompt import (END_OF_UTTERANCE, VideoSource, expand_image_tokens, expand_video_tokens,
                                 normalize_messages, render_chat, video_prompt)
 from .processing.video import (VideoClip, VideoError, VideoProcessorConfig, open_video, preprocess_video,
                                video_config_dict)
 from .session import CompileOptions
-from .weights import Checkpoint, load_checkpoint
+from .weights import Checkpoint, load_checkpoint, shape_and_dtype
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
 
-def model_spec(config: dict) -> ModelSpec:
-    kind = config.get("model_type")
-    if kind in ("smolvlm", "idefics3"):
-        vlm = SmolVLM2Config.from_hf(config)
-        return ModelSpec(text=vlm.text, names=VLM_NAMES, vlm=vlm)
-    if kind == "llama":
-        return ModelSpec(text=smollm2.from_hf(config), names=smollm2.NAMES)
-    raise ValueError(f"model_type {kind!r} is not supported (SmolVLM/SmolVLM2 and Llama/SmolLM2 are)")
+def model_spec(config: dict, tensors: Mapping | None = None, where: str = "config.json") -> ModelSpec:
+    """The architecture a config describes, checked. With the checkpoint's `tensors`, the config
+    is also checked against their shapes, before any graph is built from it: a config that claims
+    a million layers would otherwise build (and run out of memory on) a million-layer graph.
+    `where` names the config in errors."""
+    try:
+        kind = config.get("model_type")
+        if kind in ("smolvlm", "idefics3"):
+            vlm = SmolVLM2Config.from_hf(config)
+            spec = ModelSpec(text=vlm.text, names=VLM_NAMES, vlm=vlm)
+        elif kind == "llama":
+            spec = ModelSpec(text=smollm2.from_hf(config), names=smollm2.NAMES)
+        else:
+            raise ValueError(f"model_type {kind!r:.40} is not supported (SmolVLM/SmolVLM2 and Llama/SmolLM2 are)")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if tensors is not None:
+        _check_sizes(spec, tensors, where)
+    return spec
+
+
+def _check_sizes(spec: ModelSpec, tensors: Mapping, where: str) -> None:
+    stacks = [("num_hidden_layers", spec.text.num_hidden_layers, spec.names.model + "layers.")]
+    if spec.vlm:
+        stacks.append(("vision_config.num_hidden_layers", spec.vlm.vision.num_hidden_layers,
+                       VISION_PREFIX + "encoder.layers."))
+    for key, claimed, prefix in stacks:
+        found = len({name[len(prefix):].split(".")[0] for name in tensors if name.startswith(prefix)})
+        if claimed != found:
+            raise ValueError(f"{where} says {key} {claimed} but the checkpoint has tensors for {found} layers")
+    # Every width shows in one layer of each stack: compare the parameters of a one-layer graph.
+    text = dataclasses.replace(spec.text, num_hidden_layers=1)
+    g = Graph()
+    build_text_step(g, text, spec.names, rows=1, cache=CacheLayout(1, text.kv_dim, num_blocks=2, slots=2, max_blocks=1),
+                    logit_rows=1, image_tokens=1 if spec.vlm else 0)
+    sizes = {k: getattr(spec.text, k) for k in ("vocab_size", "hidden_size", "num_attention_heads",
+                                                  "num_key_value_heads", "intermediate_size")}
+    if spec.vlm:
+        vision = dataclasses.replace(spec.vlm.vision, num_hidden_layers=1)
+        build_vision_graph(g, dataclasses.replace(spec.vlm, vision=vision, text=text), images=1)
+        sizes.update({f"vision_config.{k}": getattr(vision, k) for k in
+                      ("hidden_size", "intermediate_size", "image_size", "patch_size")},
+                     scale_factor=spec.vlm.scale_factor)
+    for name, t in g.parameters.items():
+        found = tuple(shape_and_dtype(tensors, name)[0]) if name in tensors else t.shape  # missing: said later
+        if found != t.shape:
+            settings = ", ".join(f"{k} {v}" for k, v in sizes.items())
+            raise ValueError(f"{where} does not match the checkpoint: {name} is {list(found)} there, but the "
+                             f"config ({settings}) needs {list(t.shape)}")
+
+
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def compile_options(device: str = "auto", dtype: str = "auto") -> CompileOptions:
-    """Pick the backend: torch when installed (CUDA when present), else the numpy reference."""
+    """Pick the backend: torch when installed (CUDA when present), else the numpy reference.
+    A device that is not there is an error now, not a torch error at the first weight."""
+    if not DEVICES.fullmatch(device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
         import torch
     except ImportError:
         if device not in ("auto", "cpu"):
-            raise ValueError(f"device {device!r} needs torch: pip install 'meganeura[torch]'") from None
+            raise ValueError(f"device {device} needs torch: pip install 'meganeura[torch]'") from None
         return CompileOptions(backend="numpy")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return CompileOptions(backend="torch", device=device, dtype=dtype)
@@ -62,9 +122,12 @@ def _json(folder: Path | None, name: str) -> dict:
     if folder is None or not (folder / name).is_file():
         return {}
     try:
-        return json.loads((folder / name).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads((folder / name).read_text())
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{folder / name}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{folder / name}: must hold a JSON object, found {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -93,14 +156,28 @@ class Pipeline:
                              "tokenizer_config.json or GGUF metadata)")
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
-        self.spec = model_spec(checkpoint.config)
+        self.spec = model_spec(checkpoint.config, checkpoint.tensors, checkpoint.config_name)
+        vocab = self.spec.text.vocab_size
+        if self.tokenizer.get_vocab_size() > vocab:  # its ids past the embedding table would fail mid-run
+            raise ValueError(f"{checkpoint.source}: the tokenizer has {self.tokenizer.get_vocab_size()} tokens but "
+                             f"the model's vocab_size is {vocab}")
+        self.eos_ids = self._eos_ids()
+        # Processor settings before the weights: a bad file fails in a moment, not after loading.
+        folder, vlm = checkpoint.folder, self.spec.vlm
+        preprocessor = _json(folder, "preprocessor_config.json")
+        try:
+            self.image_config = ImageProcessorConfig.from_dict(preprocessor)
+            if min(self.image_config.longest_edge, self.image_config.max_image_size) < 1:
+                raise ValueError("size and max_image_size must be positive")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{folder / 'preprocessor_config.json'}: {e}") from None
+        self.image_seq_len = vlm.num_vision_tokens if vlm else 0
+        seq_len = _json(folder, "processor_config.json").get("image_seq_len", self.image_seq_len)
+        if seq_len != self.image_seq_len:
+            raise ValueError(f"{folder / 'processor_config.json'}: image_seq_len {seq_len!r:.30} differs from the "
+                             f"{self.image_seq_len} tokens per image of {checkpoint.config_name}")
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
-        self.image_config = ImageProcessorConfig.from_dict(_json(checkpoint.folder, "preprocessor_config.json"))
-        vlm = self.spec.vlm
-        self.image_seq_len = int(_json(checkpoint.folder, "processor_config.json").get(
-            "image_seq_len", vlm.num_vision_tokens if vlm else 0))
-        self.eos_ids = self._eos_ids()
 
     @property
     def context_length(self) -> int:
@@ -117,6 +194,9 @@ class Pipeline:
     def _eos_ids(self) -> set[int]:
         eos = self.checkpoint.generation.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if not all(0 <= i < self.spec.text.vocab_size for i in ids):  # the readers checked they are ints
+            raise ValueError(f"{self.checkpoint.source}: eos_token_id {eos} is not below vocab_size "
+                             f"{self.spec.text.vocab_size}")
         end = self.tokenizer.token_to_id(END_OF_UTTERANCE)
         if self.spec.vlm and end is not None:
             ids.add(end)  # SmolVLM2 ends an assistant turn with <end_of_utterance>
@@ -148,6 +228,10 @@ class Pipeline:
             mask = mask[0] if mask is not None else None
         if videos:  # after the images: a video's text holds <image> tokens of its own
             text = expand_video_tokens(text, [(v.timestamps, v.duration) for v in videos], self.image_seq_len)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (from JSON "\ud800"): the tokenizer would raise TypeError
+            raise ValueError(f"the messages contain a lone surrogate {e.object[e.start:e.end]!r}: not text") from None
         ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         if len(ids) >= self.context_length:
             raise ValueError(self._too_long(len(ids), videos))
@@ -252,11 +336,20 @@ class Pipeline:
         results = drain(gen)
         return results if batch else results[0]
 
-    def stream(self, messages, **settings: Any) -> Iterator[str]:
-        """Text pieces of one conversation's answer as they are generated."""
+    def stream(self, messages, **settings: Any) -> Generator[str, None, GenerationResult]:
+        """Text pieces of one conversation's answer as they are generated; the generator's
+        return value (StopIteration.value) is the GenerationResult, timings included.
+        Leaving the loop early frees what the answer held."""
         gen = self._start([messages], settings)
-        for _, piece in gen:
-            yield piece
+        try:
+            while True:
+                try:
+                    _, piece = next(gen)
+                except StopIteration as done:
+                    return done.value[0]
+                yield piece
+        finally:
+            gen.close()
 
 
 def _is_batch(messages) -> bool:
@@ -269,7 +362,9 @@ def _bar(enabled: bool, what: str):
 
     def wrap(items):
         from tqdm import tqdm
-        return tqdm(items, desc=what, unit="tensor", leave=False)
+        # disable=None: drawn on a terminal only; into a log it would write carriage returns
+        # and leave a line of spaces behind
+        return tqdm(items, desc=what, unit="tensor", leave=False, disable=None)
     return wrap
 
 
@@ -279,8 +374,9 @@ def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
     address space on the CPU, where RAM is taken only by tokens in use)."""
-    checkpoint = load_checkpoint(model, progress=progress)
-    return Pipeline(checkpoint, compile_options(device, dtype), progress=progress, kv_cache_bytes=kv_cache_bytes)
+    options = compile_options(device, dtype)  # a missing GPU fails before any download
+    return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
+                    kv_cache_bytes=kv_cache_bytes)
 
 
 __all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

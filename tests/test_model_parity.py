@@ -195,8 +195,8 @@ def test_checkpoint_mismatch_lists_names(vlm):
     with pytest.raises(WeightsError) as e:
         rt.load_weights(weights, source="tiny.safetensors")
     msg = str(e.value)
-    for part in ("tiny.safetensors", "missing (1):\n    model.connector.modality_projection.proj.weight",
-                 "unexpected (1):\n    model.extra.weight", "lm_head.weight: expected float[300, 64], found float32[3, 3]"):
+    for part in ("tiny.safetensors", "missing (1): model.connector.modality_projection.proj.weight",
+                 "unexpected (1): model.extra.weight", "lm_head.weight: expected float[300, 64], found float32[3, 3]"):
         assert part in msg
 
 

@@ -12,6 +12,8 @@ producing the same text and the same ids from the same tokenizer.)
 from __future__ import annotations
 
 import importlib.util
+import re
+import time
 import types
 from pathlib import Path
 
@@ -153,6 +155,29 @@ def test_sandbox_blocks_escapes_and_mutation():
         render_chat("{{ ().__class__.__base__.__subclasses__() }}", [{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="'append' of 'list' object is unsafe"):
         render_chat("{{ messages.append(1) }}", [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{% for i in range(10**9) %}x{% endfor %}", "range(1000000000) exceeds the chat template limits"),
+    ("{% for i in range(60000) %}{% for j in range(60000) %}{% endfor %}{% endfor %}", "range(60000) exceeds"),
+    ("{{ 'x' * 10**10 }}", "repeating a sequence 10000000000 times exceeds"),
+    ("{{ [0] * 10**10 }}", "repeating a sequence 10000000000 times exceeds"),
+    ("{{ 10 ** (10 ** 10) }}", "10 ** 10000000000 exceeds"),
+    ("{% set ns = namespace(x=3) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+     "a product exceeds"),
+    ("{% for i in range(90000) %}{{ 'x' * 100 }}{% endfor %}", "an output of over 4194304 characters exceeds"),
+    ("{% include '/etc/passwd' %}", "TypeError: no loader for this environment specified"),
+    ("{% import '/etc/passwd' as x %}", "TypeError: no loader for this environment specified"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+])
+def test_hostile_templates_fail_fast(template, problem):
+    """A template is code from the checkpoint: loops, values and output are bounded, files out of
+    reach, and whatever it raises is a ValueError (a one-line error in the CLI, not a traceback)."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape("chat template failed: ") + ".*" + re.escape(problem)):
+        render_chat(template, [{"role": "user", "content": "x"}])
+    assert time.perf_counter() - start < 2
 
 
 @pytest.mark.parametrize(

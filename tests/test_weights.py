@@ -6,8 +6,10 @@ The reference for the real model is transformers reading the same GGUF file
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -508,6 +510,68 @@ def test_gguf_errors(tmp_path, written_ggufs):
         load_checkpoint(tmp_path / "absent.gguf", progress=False)
 
 
+def _safetensors(path: Path, header: dict, data: bytes = b"") -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_forged_safetensors_headers_and_configs(tmp_path):
+    config, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    config.write_text("{}")
+    nested = b"[" * 100_000 + b"]" * 100_000  # json.loads hits the recursion limit
+    weights.write_bytes(struct.pack("<Q", len(nested)) + nested)
+    with pytest.raises(WeightsError, match="header JSON nested too deeply"):
+        load_checkpoint(tmp_path, progress=False)
+    weights.write_bytes(struct.pack("<Q", 2**64 - 1) + b"{}")
+    with pytest.raises(WeightsError, match="header length 18446744073709551615 is impossible"):
+        load_checkpoint(tmp_path, progress=False)
+    # 2^32 x 2^32 elements wrap to 0 in int64: it must not pass as an empty tensor
+    _safetensors(weights, {"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}})
+    with pytest.raises(WeightsError, match=r"tensor 'w' \(F32\[4294967296, 4294967296\]\) claims bytes 0..0"):
+        load_checkpoint(tmp_path, progress=False)
+    for entry in ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+                  {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+                  {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}):
+        _safetensors(weights, {"w": entry}, bytes(4))
+        with pytest.raises(WeightsError, match="corrupt safetensors header entry for 'w'"):
+            load_checkpoint(tmp_path, progress=False)
+    _safetensors(weights, {})
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(WeightsError, match=r"config\.json: config.json is nested too deeply"):
+        load_checkpoint(tmp_path, progress=False)
+    config.write_text(json.dumps({"eos_token_id": "abc"}))
+    with pytest.raises(WeightsError, match="eos_token_id .* must be a token id or a list of them, got 'abc'"):
+        load_checkpoint(tmp_path, progress=False)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    bad = np.array([1, np.nan, np.inf, 2], np.float32).tobytes()
+    bf16 = struct.pack("<4H", 0x3F80, 0x7FC0, 0x3F80, 0x3F80)  # 1, NaN, 1, 1
+    _safetensors(tmp_path / "model.safetensors", {
+        "bad": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "bad_bf16": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]},
+        "good": {"dtype": "F16", "shape": [2], "data_offsets": [24, 28]},
+        "ids": {"dtype": "I32", "shape": [1], "data_offsets": [28, 32]}}, bad + bf16 + bytes(8))
+    tensors = load_checkpoint(tmp_path, progress=False).tensors
+    assert tensors["good"].tolist() == [0, 0] and tensors["ids"].tolist() == [0]
+    with pytest.raises(WeightsError, match=r"tensor 'bad' has 2 NaN or infinite values \(of 4\)"):
+        tensors["bad"]
+    with pytest.raises(WeightsError, match=r"tensor 'bad_bf16' has 1 NaN or infinite values"):
+        tensors["bad_bf16"]
+
+
+def test_truncated_gguf_says_how_much_is_missing(tmp_path, written_ggufs):
+    raw = written_ggufs[True][0].read_bytes()
+    reader = gguf.GGUFReader(written_ggufs[True][0])
+    data = len(raw) - reader.data_offset
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(raw[:-100])
+    with pytest.raises(WeightsError, match=rf"cut\.gguf: truncated: expected {data} bytes of tensor data, the file "
+                                           rf"has {data - 100}$"):
+        load_checkpoint(cut, progress=False)
+
+
 def test_bad_specs(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="not an existing path, a known alias"):
         resolve_model("no-such-alias")
@@ -548,6 +612,21 @@ def test_offline_uncached_hub_id_explains_how_to_get_it(tmp_path):
     assert "not in the local Hugging Face cache" in out.stdout
     assert "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct" in out.stdout
     assert "local folder" in out.stdout
+
+
+def test_hub_progress_bars_draw_on_a_terminal_only(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    log = io.StringIO()  # not a terminal: no bar, no carriage returns, no line of spaces
+
+    def download(repo_id, tqdm_class, **kwargs):
+        for _ in tqdm_class(range(3), file=log):
+            pass
+        (tmp_path / "config.json").write_text("{}")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_model("owner/model") == tmp_path
+    assert log.getvalue() == ""
 
 
 def test_bos_eos_flags_add_tokens(gguf_ckpt, gguf_meta):

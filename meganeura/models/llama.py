@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.kv_cache import CacheLayout
 from ..graph import Graph, Node
+from .fields import json_object, read_fields
 
 
 def read_config(config: dict | str | Path) -> dict:
@@ -45,18 +45,26 @@ class TextConfig:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
-        """From a Hugging Face (llama) config dict; unknown keys are ignored."""
-        d = dict(d)
+    def from_dict(cls, d: dict, where: str = "") -> "TextConfig":
+        """From a Hugging Face (llama) config dict, checked; unknown keys are ignored. `where`
+        prefixes key names in errors (e.g. "text_config.")."""
+        d = dict(json_object(d, where))
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if "rope_theta" not in d and isinstance(rope, dict) and "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-        d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if d.get("num_key_value_heads") is None:
+            d["num_key_value_heads"] = d.get("num_attention_heads")
+        cfg = cls(**read_fields(cls, d, where))
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        if cfg.hidden_size % heads or cfg.head_dim % 2:  # RoPE rotates the two halves of each head
+            raise ValueError(f"{where}hidden_size {cfg.hidden_size} must be num_attention_heads {heads} "
+                             "times an even head size")
+        if heads % kv_heads:
+            raise ValueError(f"{where}num_attention_heads {heads} must be a multiple of num_key_value_heads "
+                             f"{kv_heads}")
         if d.get("head_dim") not in (None, cfg.head_dim):
-            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}: "
-                             "not supported")
+            raise ValueError(f"{where}head_dim {d['head_dim']!r:.30} != hidden_size / num_attention_heads = "
+                             f"{cfg.head_dim}: not supported")
         return cfg
 
 

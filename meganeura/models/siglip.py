@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backends.numpy_backend import patchify  # noqa: F401  (host-side, for `image_patches` inputs)
 from ..graph import Graph, Node
+from .fields import json_object, read_fields
 
 PREFIX = "model.vision_model."
 
@@ -41,12 +41,18 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
-        act = d.get("hidden_act", "gelu_pytorch_tanh")
+    def from_dict(cls, d: dict, where: str = "") -> "VisionConfig":
+        """From a config's "vision_config", checked; `where` prefixes key names in errors."""
+        act = json_object(d, where).get("hidden_act", "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise ValueError(f"vision hidden_act {act!r} is not supported (only the tanh GELU)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+            raise ValueError(f"{where}hidden_act {act!r:.40} is not supported (only the tanh GELU)")
+        cfg = cls(**read_fields(cls, d, where))
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"{where}image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"{where}hidden_size {cfg.hidden_size} must be a multiple of num_attention_heads "
+                             f"{cfg.num_attention_heads}")
+        return cfg
 
 
 # ---- host-side layout (numpy): masks -> position ids -------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..engine.kv_cache import CacheLayout
 from ..graph import Graph, Node
 from . import siglip
+from .fields import json_object, read_fields
 from .llama import DecoderNames, TextConfig, build_text_step, decoder_full, embed_tokens, lm_head, read_config
 from .siglip import VisionConfig, patch_mask, position_ids
 
@@ -96,11 +97,18 @@ class SmolVLM2Config:
         if "vision_config" not in config or "text_config" not in config:
             raise ValueError(f"not a SmolVLM config: no vision_config/text_config (model_type "
                              f"{config.get('model_type')!r})")
-        text = dict(config["text_config"])
+        text = dict(json_object(config["text_config"], "text_config"))
         text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
-        return cls(vision=VisionConfig.from_dict(config["vision_config"]), text=TextConfig.from_dict(text),
-                   scale_factor=int(config.get("scale_factor", 2)),
-                   image_token_id=int(config.get("image_token_id", 49190)))
+        vision = VisionConfig.from_dict(config["vision_config"], "vision_config.")
+        cfg = cls(vision=vision, text=TextConfig.from_dict(text, "text_config."),
+                  **read_fields(cls, {"scale_factor": 2, "image_token_id": 49190, **config}))
+        if vision.patches_per_side % cfg.scale_factor:  # the pixel shuffle folds scale x scale patches
+            raise ValueError(f"scale_factor {cfg.scale_factor} must divide the {vision.patches_per_side} patches "
+                             f"per side of vision_config (image_size / patch_size)")
+        if cfg.image_token_id >= cfg.text.vocab_size:
+            raise ValueError(f"image_token_id {cfg.image_token_id} is not below text_config.vocab_size "
+                             f"{cfg.text.vocab_size}")
+        return cfg
 
 
 # ---- graphs ---------------------------------------------------------------------------------

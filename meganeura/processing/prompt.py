@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.sandbox
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
@@ -211,9 +212,55 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separato
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# A chat template is code that came with the checkpoint. It runs in jinja2's immutable sandbox
+# (no private attributes, no mutation of the messages), with no loader (so no {% include %} of
+# files) and with bounds, so that a hostile or broken one fails in a moment, not after hours of
+# looping or gigabytes of text: range() items per render, the size of values made by * and **,
+# and the output.
+MAX_TEMPLATE_ITEMS = 100_000
+MAX_TEMPLATE_OUTPUT = 1 << 22  # characters: far beyond any context this engine runs
+
+
+def _too_big(what: str):
+    return jinja2.sandbox.SecurityError(f"{what} exceeds the chat template limits")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        ints = isinstance(left, int) and isinstance(right, int)
+        if ints and operator == "**" and abs(left) > 1 and right * abs(left).bit_length() > 4096:
+            raise _too_big(f"{left} ** {right}")
+        if ints and operator == "*" and left.bit_length() + right.bit_length() > 4096:
+            raise _too_big("a product")
+        if operator == "*" and not ints:  # repeating a string or list
+            times, sequence = (left, right) if isinstance(left, int) else (right, left)
+            if isinstance(times, int) and isinstance(sequence, (str, list, tuple)) \
+                    and len(sequence) * times > MAX_TEMPLATE_OUTPUT:
+                raise _too_big(f"repeating a sequence {times} times")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_range():
+    """A range() that counts its items against one render's budget."""
+    left = [MAX_TEMPLATE_ITEMS]
+
+    def bounded(*args):
+        items = range(*args)
+        try:
+            left[0] -= len(items)
+        except OverflowError:  # more items than an index can hold
+            left[0] = -1
+        if left[0] < 0:
+            raise _too_big(f"range({', '.join(map(str, args))})")
+        return items
+    return bounded
+
+
 @functools.lru_cache(maxsize=None)
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -276,10 +323,19 @@ def render_chat(
     fmt = template_content_format(template) if content_format == "auto" else content_format
     shaped, _ = normalize_messages(messages, content_format=fmt)
     compiled = _compile(template)
+    pieces, size = [], 0
     try:
-        return compiled.render(messages=shaped, add_generation_prompt=add_generation_prompt, **extra)
-    except jinja2.exceptions.TemplateError as exc:
+        for piece in compiled.generate(messages=shaped, add_generation_prompt=add_generation_prompt,
+                                       range=_bounded_range(), **extra):
+            size += len(piece)
+            if size > MAX_TEMPLATE_OUTPUT:
+                raise _too_big(f"an output of over {MAX_TEMPLATE_OUTPUT} characters")
+            pieces.append(piece)
+    except jinja2.exceptions.TemplateError as exc:  # raise_exception(), the sandbox's limits
         raise ValueError(f"chat template failed: {exc}") from exc
+    except Exception as exc:  # a template's bug (1/0, recursion, ...) is the checkpoint's, not ours
+        raise ValueError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+    return "".join(pieces)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     check_tensors(expected_shapes, ckpt.tensors, ckpt.source)
 """
 
-from .checkpoint import Checkpoint, LazyTensors, WeightsError, check_tensors, load_checkpoint
+from .checkpoint import Checkpoint, LazyTensors, WeightsError, check_tensors, load_checkpoint, shape_and_dtype
 from .gguf_file import build_gguf_tokenizer, hf_tensor_name, load_gguf, permute_rope_rows, unpermute_rope_rows
 from .resolve import ALIASES, resolve_model
 from .safetensors_folder import load_safetensors_folder
@@ -22,5 +22,6 @@ __all__ = [
     "load_safetensors_folder",
     "permute_rope_rows",
     "resolve_model",
+    "shape_and_dtype",
     "unpermute_rope_rows",
 ]

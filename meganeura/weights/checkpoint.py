@@ -37,6 +37,11 @@ class Checkpoint:
     generation: dict = field(default_factory=dict)  # bos/eos/pad token ids etc.
     folder: Path | None = None  # HF folder, so processors can read preprocessor_config.json etc.
 
+    @property
+    def config_name(self) -> str:
+        """Where the config came from, for error messages."""
+        return str(self.folder / "config.json") if self.folder else f"{self.source} (GGUF metadata)"
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -77,6 +82,11 @@ class LazyTensors(Mapping):
                 f"{self.source}: tensor {name!r} decoded to {array.dtype}{list(array.shape)}, "
                 f"expected {entry.dtype}{list(entry.shape)}"
             )
+        # NaN or infinite weights give empty or garbage answers and no error: refuse them. One
+        # vectorised pass: a float64 sum is finite exactly when every f16/f32 value is.
+        if array.dtype.kind == "f" and not np.isfinite(array.sum(dtype=np.float64)):
+            bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+            raise WeightsError(f"{self.source}: tensor {name!r} has {bad} NaN or infinite values (of {array.size})")
         return array
 
     def __iter__(self) -> Iterator[str]:
@@ -94,14 +104,15 @@ class LazyTensors(Mapping):
         if progress:
             from tqdm.auto import tqdm
 
-            names = tqdm(names, desc=f"reading {Path(self.source).name}", unit="tensor")
+            # disable=None: on a terminal only; into a log a bar writes carriage returns
+            names = tqdm(names, desc=f"reading {Path(self.source).name}", unit="tensor", disable=None)
         return {name: self[name] for name in names}
 
     def __repr__(self) -> str:
         return f"LazyTensors({len(self)} tensors from {self.source})"
 
 
-def _shape_and_dtype(tensors: Mapping[str, np.ndarray], name: str) -> tuple[tuple[int, ...], np.dtype]:
+def shape_and_dtype(tensors: Mapping[str, np.ndarray], name: str) -> tuple[tuple[int, ...], np.dtype]:
     # Our own lazy mappings can answer without decoding; any other mapping has to hand over arrays.
     describe = getattr(tensors, "describe", None)
     if callable(describe):
@@ -129,8 +140,8 @@ def check_tensors(
 
     `expected` maps names to `(shape, dtype)`; dtype is a numpy dtype name, or "float" for any
     floating type, or None for any type. Raises `WeightsError` listing missing names, unexpected
-    names and tensors of the wrong shape/dtype together, so one run shows the whole mismatch
-    instead of the first symptom.
+    names and tensors of the wrong shape/dtype together (up to 8 of each), so one run shows the
+    whole mismatch instead of the first symptom.
     """
     missing = sorted(name for name in expected if name not in tensors)
     unexpected = sorted(name for name in tensors if name not in expected)
@@ -138,18 +149,18 @@ def check_tensors(
     for name, (shape, dtype) in expected.items():
         if name not in tensors:
             continue
-        found_shape, found_dtype = _shape_and_dtype(tensors, name)
+        found_shape, found_dtype = shape_and_dtype(tensors, name)
         if tuple(found_shape) != tuple(shape) or not _dtype_matches(dtype, found_dtype):
             want = f"{dtype or 'any'}{list(shape)}"
             wrong.append(f"{name}: expected {want}, found {found_dtype}{list(found_shape)}")
     if not (missing or unexpected or wrong):
         return
-    lines = [f"checkpoint {source} does not match the model:"]
+    groups = []  # one line, as every error the CLI prints; a long list is cut short
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape/dtype", wrong)):
         if items:
-            lines.append(f"  {title} ({len(items)}):")
-            lines.extend(f"    {item}" for item in items)
-    raise WeightsError("\n".join(lines))
+            more = f" and {len(items) - 8} more" if len(items) > 8 else ""
+            groups.append(f"{title} ({len(items)}): {', '.join(items[:8])}{more}")
+    raise WeightsError(f"checkpoint {source} does not match the model: {'; '.join(groups)}")
 
 
 def load_checkpoint(path_or_id: str | Path, *, progress: bool = True) -> Checkpoint:

@@ -115,8 +115,9 @@ def _config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: 
     heads = int(need("attention.head_count"))
     kv_heads = int(get("attention.head_count_kv", heads))
     # key_length is the explicit head size; older files only give the rotary dimension count,
-    # which equals head_dim for llama (transformers reads it that way too).
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
+    # which equals head_dim for llama (transformers reads it that way too). Without either, the
+    # config derives it from the sizes, which it checks.
+    head_dim = get("attention.key_length") or get("rope.dimension_count")
     vocab = get("vocab_size")
     if vocab is None:
         vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
@@ -129,7 +130,6 @@ def _config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: 
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         # both spellings: transformers 4 configs use rope_theta, transformers 5 rope_parameters
@@ -143,6 +143,8 @@ def _config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: 
     }
     if vocab is not None:
         config["vocab_size"] = int(vocab)
+    if head_dim is not None:
+        config["head_dim"] = int(head_dim)
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:
@@ -331,16 +333,37 @@ def _tensor_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
     return load
 
 
+def _reader(path: Path):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        # The reader maps the tensors of a truncated file as short arrays and fails on numpy's
+        # "cannot reshape"; measure where the tensor data ends first, so the error can say so.
+        def _build_tensors(self, start_offs, fields):
+            end = start_offs
+            for field in fields:
+                _, _, _, dims, raw_dtype, offset = field.parts
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                count = int(np.prod(dims.astype(object)))  # Python ints: forged sizes cannot wrap
+                end = max(end, start_offs + int(offset[0]) + count * size // block)
+            if end > len(self.data):
+                raise WeightsError(f"{path}: truncated: expected {end - start_offs} bytes of tensor data, "
+                                   f"the file has {max(0, len(self.data) - start_offs)}")
+            super()._build_tensors(start_offs, fields)
+
+    return Reader(path)
+
+
 def load_gguf(path: str | Path) -> Checkpoint:
     """A `Checkpoint` for a llama-architecture GGUF file; tensors dequantize to float32 on lookup."""
-    from gguf import GGUFReader
-
     path = Path(path)
     source = str(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
     try:
-        reader = GGUFReader(path)
+        reader = _reader(path)
+    except WeightsError:
+        raise
     except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
         raise WeightsError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
     meta = _metadata(reader)
@@ -351,7 +374,10 @@ def load_gguf(path: str | Path) -> Checkpoint:
             f"(SmolLM2 and other Llama-style decoders)"
         )
     names = {t.name for t in reader.tensors}
-    config = _config_from_metadata(meta, names, source)
+    try:
+        config = _config_from_metadata(meta, names, source)
+    except (TypeError, ValueError) as exc:  # a size that is not a number
+        raise WeightsError(f"{path}: bad GGUF metadata: {exc}") from None
 
     tensors = LazyTensors(source)
     probed = set()

@@ -113,14 +113,15 @@ def _download(repo_id: str, *, progress: bool) -> Path:
     )
     from tqdm.auto import tqdm
 
-    class _SilentTqdm(tqdm):
-        # huggingface_hub draws its bars with whatever class it is given; a disabled one is the
-        # only per-call way to silence it (disable_progress_bars() would be process-wide).
+    class _Bar(tqdm):
+        # huggingface_hub draws its bars with whatever class it is given, the only per-call way
+        # to silence them (disable_progress_bars() would be process-wide). disable=None draws on
+        # a terminal only: into a log a bar writes carriage returns and leaves a line of spaces.
         def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
+            kwargs["disable"] = True if not progress or kwargs.get("disable") else None
             super().__init__(*args, **kwargs)
 
-    kwargs = {"tqdm_class": tqdm if progress else _SilentTqdm}
+    kwargs = {"tqdm_class": _Bar}
     offline = _hub_offline()
     try:
         folder = snapshot_download(

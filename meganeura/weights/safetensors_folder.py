@@ -10,6 +10,7 @@ f32/f16 tensors and lets bf16 be widened to f32 only when a tensor is looked up.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -53,6 +54,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path}: {what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise WeightsError(f"{path}: {what} is nested too deeply to be a real one") from None
 
 
 def _map_file(path: Path) -> mmap.mmap:
@@ -81,6 +84,8 @@ def add_safetensors_file(path: Path, tensors: LazyTensors, only: set[str] | None
         header = json.loads(bytes(buf[8 : 8 + header_len]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{path}: corrupt safetensors file (header is not JSON: {exc})") from exc
+    except RecursionError:
+        raise WeightsError(f"{path}: corrupt safetensors file (header JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors file (header is not a JSON object)")
     data_start = 8 + header_len
@@ -90,14 +95,16 @@ def add_safetensors_file(path: Path, tensors: LazyTensors, only: set[str] | None
         if name == "__metadata__" or (only is not None and name not in only):
             continue
         try:
-            tag, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            tag, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not isinstance(tag, str) or not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
+                raise ValueError("dtype must be a string, shape and offsets non-negative integers")
         except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from exc
+            raise WeightsError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r:.200}") from exc
         if tag not in _DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {tag}, which meganeura cannot read")
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {tag!r:.20}, which meganeura cannot read")
         stored = np.dtype(_DTYPES[tag])
-        count = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= begin <= end <= data_len) or end - begin != count * stored.itemsize:
+        count = math.prod(shape)  # Python ints: a forged shape cannot overflow to a small count
+        if not (begin <= end <= data_len) or end - begin != count * stored.itemsize:
             raise WeightsError(
                 f"{path}: corrupt or truncated safetensors file: tensor {name!r} "
                 f"({tag}{list(shape)}) claims bytes {begin}..{end} of {data_len}"
@@ -215,6 +222,12 @@ def _load_generation(folder: Path, config: dict, tokenizer) -> dict:
                 token_id = _special_id(tokenizer, tok_config.get(key[: -len("_id")]))
                 if generation.get(key) is None and token_id is not None:
                     generation[key] = token_id
+    for key in ("bos_token_id", "eos_token_id"):
+        value = generation.get(key)
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                         for i in (value if isinstance(value, list) else [value])):
+            raise WeightsError(f"{folder}: {key} (config.json or generation_config.json) must be a token id or a "
+                               f"list of them, got {value!r:.60}")
     return generation
 
 
