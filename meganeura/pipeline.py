@@ -171,11 +171,13 @@ class Pipeline:
                 raise ValueError("size and max_image_size must be positive")
         except (TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{folder / 'preprocessor_config.json'}: {e}") from None
-        self.image_seq_len = vlm.num_vision_tokens if vlm else 0
-        seq_len = _json(folder, "processor_config.json").get("image_seq_len", self.image_seq_len)
-        if seq_len != self.image_seq_len:
-            raise ValueError(f"{folder / 'processor_config.json'}: image_seq_len {seq_len!r:.30} differs from the "
-                             f"{self.image_seq_len} tokens per image of {checkpoint.config_name}")
+        # The processor's count stands (a pipeline may only preprocess); a model that makes another
+        # number of features per image says so at its first image.
+        seq_len = _json(folder, "processor_config.json").get("image_seq_len", vlm.num_vision_tokens if vlm else 0)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= 2**20:
+            raise ValueError(f"{folder / 'processor_config.json'}: image_seq_len must be an integer from 0 to "
+                             f"{2**20}, got {seq_len!r:.30}")
+        self.image_seq_len = seq_len
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
 

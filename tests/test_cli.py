@@ -88,7 +88,7 @@ def _no_cuda() -> bool:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-p", "2"], "error: invalid sampling settings: temperature=0.0 (>= 0), top_p=2.0 (0, 1]"),
+    (["--top-p", "2"], "error: invalid sampling settings: top_p=2.0 (in (0, 1])"),
     (["--image", "/nonexistent/a.png"], "error: /nonexistent/a.png: image file not found"),
     (["--video", "/nonexistent/a.mp4"], "error: /nonexistent/a.mp4: video file not found"),
     pytest.param(["--device", "cuda"], "error: --device cuda: no CUDA GPU is available "

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from meganeura.engine.kv_cache import CacheLayout
 from meganeura.graph import Graph
 from meganeura.models.llama import TextConfig, build_text_step
 from meganeura.models.siglip import VisionConfig
@@ -28,7 +29,8 @@ VLM = {"model_type": "smolvlm", "text_config": TEXT, "vision_config": VISION, "s
 def _tensors(config: dict) -> dict:
     """A checkpoint's tensors for a valid llama config, as zero-cost read-only views."""
     g = Graph()
-    build_text_step(g, smollm2.from_hf(config), smollm2.NAMES, 1, 1, 1, 1)
+    text = smollm2.from_hf(config)
+    build_text_step(g, text, smollm2.NAMES, 1, CacheLayout(1, text.kv_dim, num_blocks=2, slots=2, max_blocks=1), 1)
     return {name: np.broadcast_to(np.float32(0), t.shape) for name, t in g.parameters.items()}
 
 

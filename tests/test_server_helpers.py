@@ -6,7 +6,13 @@ import base64
 import io
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+
+import httpx
 
 import numpy as np
 from PIL import Image
@@ -21,6 +27,31 @@ def serving(pipe, **settings):
     """A server for `pipe` on 127.0.0.1 and an ephemeral port; yields its base URL."""
     with ServerThread(create_app(pipe, ServerConfig(model_id=MODEL, **settings))) as url:
         yield url
+
+
+@contextmanager
+def served(folder, *flags: str):
+    """`meganeura serve` for a checkpoint folder in a process of its own, on a free loopback
+    port; yields (base URL, the process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "meganeura.cli", "serve", "--model", str(folder), "--device", "cpu",
+                             "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
