@@ -18,7 +18,8 @@ from meganeura.session import CompileOptions
 cfg = SmolVLM2Config.smolvlm2_500m()
 spec = ModelSpec(cfg.text, NAMES, cfg)
 rng = np.random.default_rng(0)
-weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in ModelRunner(spec).expected_parameters().items()}
+shapes = ModelRunner(spec).expected_parameters()
+weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in shapes.items()}
 rt = ModelRunner(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"), cache_bytes=2**30)
 rt.load_weights(weights)
 slot = rt.cache.take(1024)

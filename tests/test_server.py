@@ -16,7 +16,6 @@ import psutil
 import pytest
 
 import meganeura
-from meganeura.models.smolvlm2 import SmolVLM2Config
 from meganeura.server.config import request_context
 from test_server_helpers import MODEL, data_url, flat_png, png_bytes, serving, sse, user
 from tiny_models import write_tiny_smolvlm_folder
@@ -26,10 +25,8 @@ PHOTO = png_bytes(90, 60)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-smolvlm")
-    write_tiny_smolvlm_folder(folder)
-    return meganeura.load(str(folder), device="cpu", progress=False)
+def pipe(tiny_vlm_pipe):
+    return tiny_vlm_pipe
 
 
 @pytest.fixture(scope="module")

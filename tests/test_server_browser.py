@@ -7,9 +7,7 @@ import shutil
 import httpx
 import pytest
 
-import meganeura
 from test_server_helpers import MODEL, data_url, png_bytes, serving, user
-from tiny_models import write_tiny_smolvlm_folder
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -17,10 +15,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (D
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-smolvlm")
-    write_tiny_smolvlm_folder(folder)
-    return meganeura.load(str(folder), device="cpu", progress=False)
+def pipe(tiny_vlm_pipe):
+    return tiny_vlm_pipe
 
 
 def test_chat_page_streams_an_answer_about_a_dropped_image(pipe, tmp_path):

@@ -10,9 +10,7 @@ import time
 import httpx
 import pytest
 
-import meganeura
 from test_server_helpers import MODEL, data_url, png_bytes, serving, user
-from tiny_models import write_tiny_smolvlm_folder
 
 REQUESTS, SEED = 300, 11
 PNG = data_url(png_bytes(40, 30))
@@ -111,10 +109,8 @@ def check(r: httpx.Response, sent: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-smolvlm")
-    write_tiny_smolvlm_folder(folder)
-    return meganeura.load(str(folder), device="cpu", progress=False)
+def pipe(tiny_vlm_pipe):
+    return tiny_vlm_pipe
 
 
 def test_random_requests_get_2xx_or_json_4xx(pipe, tmp_path):

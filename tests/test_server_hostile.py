@@ -3,7 +3,6 @@ slow and private remote images, huge prompts, half-sent headers, absurd sizes, o
 unauthenticated probes, vague errors; and memory that comes back after hostile rounds."""
 
 import asyncio
-import gc
 import json
 import socket
 import threading
@@ -19,17 +18,14 @@ from meganeura.server import ServerConfig, create_app
 from meganeura.server.fetch import RemoteFetcher
 from meganeura.server.media import MediaError
 from test_server_helpers import MODEL, data_url, metric, png_bytes, served, serving, user
-from tiny_models import write_tiny_smolvlm_folder
 
 SLOTS, CONTEXT = 2, 384
 PHOTO = png_bytes(90, 60)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-smolvlm")
-    write_tiny_smolvlm_folder(folder)
-    return meganeura.load(str(folder), device="cpu", progress=False)
+def pipe(tiny_vlm_pipe):
+    return tiny_vlm_pipe
 
 
 @pytest.fixture(scope="module")

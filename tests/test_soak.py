@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import meganeura
-from test_server_helpers import MODEL, data_url, png_bytes, serving, sse
+from test_server_helpers import MODEL, data_url, serving, sse
 from tiny_models import write_tiny_smolvlm_folder
 
 CAP = 16          # the longest answer asked for

@@ -76,8 +76,9 @@ class DeviceSampler:
         before = probs.cumsum(-1) - probs  # mass of the better tokens: keep the smallest set reaching top_p
         probs = probs.masked_fill(before >= top_p[:, None], 0.0)
         # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i / sum(p)
-        noise = torch.stack([torch.empty(x.shape[1], device=x.device).exponential_(generator=self.generator(s, x.device))
-                             if samples(s) else torch.ones(x.shape[1], device=x.device) for s in rows])
+        noise = torch.stack([
+            torch.empty(x.shape[1], device=x.device).exponential_(generator=self.generator(s, x.device))
+            if samples(s) else torch.ones(x.shape[1], device=x.device) for s in rows])
         picked = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
         return torch.where(temperature > 0, picked, greedy)
 
@@ -93,6 +94,14 @@ class DeviceSampler:
                 x[i, seen] = torch.where(v > 0, v / seq.cfg.repetition_penalty, v * seq.cfg.repetition_penalty)
         setting = torch.from_numpy(settings(sequences, x.shape[1])).to(x.device)
         return self.pick(x, setting, sequences).tolist()
+
+    def token_buffer(self, rows: int) -> torch.Tensor:
+        """A device buffer of next input tokens, one per row (what choose_later writes)."""
+        return self.backend.from_host(np.zeros(rows), "u32")
+
+    def put(self, buffer: torch.Tensor, row: int, token: int) -> None:
+        """Set one row's next token from the host (a sequence that joined after the step went out)."""
+        self.backend.write(buffer[row:row + 1], [token], "u32")
 
     def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
         """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen

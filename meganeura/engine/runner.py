@@ -180,8 +180,8 @@ class ModelRunner:
         parts = []
         for start in range(0, n, self.vision_batch):
             count = min(self.vision_batch, n - start)
-            s = self._session(("vision", count, h, w, padded), lambda g: build_vision_graph(g, vlm, count, (h, w), padded),
-                              self.records)
+            s = self._session(("vision", count, h, w, padded),
+                              lambda g: build_vision_graph(g, vlm, count, (h, w), padded), self.records)
             mask = pixel_attention_mask[start:start + count] if padded else None
             for name, value in vision_inputs(vlm, pixel_values[start:start + count], mask).items():
                 s.set_input(name, value)
@@ -253,7 +253,8 @@ class ModelRunner:
         (device-side token ids are copied in on the device)."""
         rows = len(positions)
         on_device = not isinstance(token_ids, np.ndarray)
-        host = np.concatenate([np.zeros(rows) if on_device else token_ids, positions, slots, logit_rows]).astype(np.int64)
+        tokens = np.zeros(rows) if on_device else token_ids
+        host = np.concatenate([tokens, positions, slots, logit_rows]).astype(np.int64)
         if s not in self._packed:
             packed = self._packed[s] = self.backend.from_host(host, "u32")
             start = 0

@@ -191,7 +191,7 @@ class Scheduler:
             seq._decode_start = time.perf_counter()
             seq.prefill_s = seq._decode_start - t0
             if self._next_tokens is not None:  # the overlapped decode in flight did not have it
-                self.runner.backend.write(self._next_tokens[seq.lane:seq.lane + 1], [token], "u32")
+                self.sampler.put(self._next_tokens, seq.lane, token)
             events.append((seq, self._advance(seq, token)))
         return events
 
@@ -214,7 +214,7 @@ class Scheduler:
             self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
         if overlap:
             if self._next_tokens is None:
-                self._next_tokens = self.runner.backend.from_host(np.zeros(self.width), "u32")
+                self._next_tokens = self.sampler.token_buffer(self.width)
             rows = [seqs.get(lane) for lane in lanes]
             return _Launch(seqs, self.sampler.choose_later(logits, rows, self._next_tokens))
         rows = [row for row, lane in enumerate(lanes) if lane in seqs]

@@ -1,9 +1,9 @@
 """RoPE on q and k fused with the KV-cache write. A program takes one row and a group of
 heads: each q head is rotated, each k head is rotated straight into the paged cache at
-(slot, position) (engine/kv_cache.py) with its v head copied beside it. A decode step (one row) gives every head its own program;
-a prefill (many rows) gives each row one program for all its heads, so cos/sin are computed
-once per row. For a prefill the rotated keys can also be written out contiguously, sparing
-attention a gather from the cache."""
+(slot, position) (engine/kv_cache.py) with its v head copied beside it. A decode step (one
+row) gives every head its own program; a prefill (many rows) gives each row one program for
+all its heads, so cos/sin are computed once per row. For a prefill the rotated keys can also
+be written out contiguously, sparing attention a gather from the cache."""
 
 from __future__ import annotations
 

@@ -44,6 +44,6 @@ def request_context(runner, requested: int | None) -> int:
     more than the KV cache holds for one sequence."""
     limit = min(runner.max_seq, runner.cache.capacity_tokens)
     if requested is not None and requested > limit:
-        raise ValueError(f"max_context {requested} exceeds the {limit} tokens one sequence can have here "
-                         f"(the model's context is {runner.max_seq}; the KV cache holds {runner.cache.capacity_tokens})")
+        raise ValueError(f"max_context {requested} exceeds the {limit} tokens one sequence can have here (the "
+                         f"model's context is {runner.max_seq}; the KV cache holds {runner.cache.capacity_tokens})")
     return requested or limit
