@@ -188,7 +188,7 @@ def op_linear(node: Node, x, w, *extra):
         # The CPU's BLAS takes another kernel for one row than for several, and several rows'
         # results can depend on the row count: products of exactly two rows (a lone row is
         # doubled) give every row the same arithmetic whatever else is in the batch.
-        pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].expand(2, -1) for i in range(0, len(x), 2)]
+        pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].repeat(2, 1) for i in range(0, len(x), 2)]
         out = torch.cat([product(p) for p in pairs])[:len(x)]
     else:
         out = product(x)
