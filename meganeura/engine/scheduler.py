@@ -103,7 +103,7 @@ class Scheduler:
         return not self.waiting and not self.running and self.pending is None
 
     @property
-    def free_slots(self) -> int:
+    def open_lanes(self) -> int:
         """Lanes that no running or waiting sequence will take."""
         return len(self.free_lanes) - len(self.waiting)
 

@@ -108,7 +108,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Move queued jobs into free slots; sleeps only when there is nothing to run."""
-        while self.scheduler.free_slots > 0:
+        while self.scheduler.open_lanes > 0:
             try:
                 job = self.inbox.get(block=self.scheduler.idle)
             except queue.Empty:
