@@ -252,7 +252,18 @@ def test_sizes_are_bounded_by_the_runner_and_its_kv_cache(pipe, capsys):
     small = meganeura.load(folder, device="cpu", progress=False, kv_cache_bytes=pipe.runner.bytes_per_token * 16 * 20)
     with serving(small, max_batch=64) as url:
         refused(post(url, ask("word " * 400)), 400, "context is 320")
-        assert post(url, ask("hi")).status_code == 200
+        # three requests of ~230 tokens each, one cache of 320: they take turns, none is refused
+        body = {**ask("word " * 200), "max_tokens": 24, "temperature": 0}
+        alone = post(url, body).json()["choices"][0]["message"]["content"]
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(post(url, body, timeout=120))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in answers] == [200] * 3
+        assert all(r.json()["choices"][0]["message"]["content"] == alone for r in answers)
+        assert small.runner.cache.free_pages == small.runner.cache.layout.num_blocks - 1
 
 
 # ---- no plain-text 500s (item 6) ---------------------------------------------------------------
