@@ -221,8 +221,10 @@ def cmd_inspect(args) -> None:
 def cmd_serve(args) -> None:
     try:
         from .server import ServerConfig, serve
+        from .server.memory import limit_arenas
     except ImportError as e:
         raise ValueError(f"the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})") from None
+    limit_arenas()  # before the model's and the server's threads allocate
     config = ServerConfig(host=args.host, port=args.port, model_id=args.model, max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue, api_key=args.api_key,
                           allow_remote_media=args.allow_remote_media, media_root=args.media_root,

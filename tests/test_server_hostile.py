@@ -20,6 +20,7 @@ from meganeura.server.media import MediaError
 from test_server_helpers import MODEL, data_url, metric, png_bytes, served, serving, user
 
 SLOTS, CONTEXT = 2, 384
+ROUNDS = 3
 PHOTO = png_bytes(90, 60)
 
 
@@ -370,7 +371,7 @@ def test_memory_comes_back_after_hostile_rounds(pipe):
     with served(pipe.checkpoint.folder, "--max-batch", str(SLOTS), "--max-context", str(CONTEXT), "--max-images", "4",
                 "--max-body-mb", "64") as (url, proc):
         server = psutil.Process(proc.pid)
-        for _ in range(3):
+        for _ in range(ROUNDS):
             threads = [threading.Thread(target=lambda b: statuses.add(post(url, b, timeout=60).status_code), args=(body,))
                        for body in hostile * 2]
             for t in threads:
