@@ -72,7 +72,7 @@ def _check_sizes(spec: ModelSpec, tensors: Mapping, where: str) -> None:
     # Every width shows in one layer of each stack: compare the parameters of a one-layer graph.
     text = dataclasses.replace(spec.text, num_hidden_layers=1)
     g = Graph()
-    build_text_step(g, text, spec.names, rows=1, cache=CacheLayout(1, text.kv_dim, num_blocks=2, slots=2, max_blocks=1),
+    build_text_step(g, text, spec.names, rows=1, cache=CacheLayout.contiguous(1, text.kv_dim, slots=1, max_seq=1),
                     logit_rows=1, image_tokens=1 if spec.vlm else 0)
     sizes = {k: getattr(spec.text, k) for k in ("vocab_size", "hidden_size", "num_attention_heads",
                                                   "num_key_value_heads", "intermediate_size")}

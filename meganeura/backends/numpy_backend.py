@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..engine.kv_cache import release_pages
+from ..engine.kv_cache import cache_index, release_pages
 from ..graph import Node
 
 
@@ -74,11 +74,6 @@ def op_attention(node: Node, q, k, v, key_mask=None):
         outs.append(_softmax_attend(_heads(q[rows], heads), _expand_kv(k[rows], heads, kv_heads),
                                     _expand_kv(v[rows], heads, kv_heads), bias))
     return np.concatenate(outs, axis=0)
-
-
-def cache_index(block_table, slots, positions, page_size: int):
-    """(page, row in page) of each (slot, position): where the paged cache keeps that token."""
-    return block_table[slots, positions // page_size], positions % page_size
 
 
 def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slots, positions):

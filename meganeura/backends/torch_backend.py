@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_cache import release_pages
+from ..engine.kv_cache import cache_index, release_pages
 from ..graph import Node
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,11 +98,6 @@ def op_rope(node: Node, x, positions=None):
     if positions is None:
         positions = torch.arange(x.shape[0], device=x.device)
     return rotate(x, positions, node.attrs["head_dim"], node.attrs["theta"])
-
-
-def cache_index(block_table, slots, positions, page_size: int):
-    """(page, row in page) of each (slot, position): where the paged cache keeps that token."""
-    return block_table[slots, positions // page_size], positions % page_size
 
 
 def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slots, positions):

@@ -71,6 +71,12 @@ class CacheLayout:
         return prefix + "k_cache", prefix + "v_cache"
 
 
+def cache_index(block_table, slots, positions, page_size: int):
+    """(page, row in page) of each (slot, position): where the layout keeps that token. Works
+    on numpy arrays and torch tensors alike, broadcasting slots against positions."""
+    return block_table[slots, positions // page_size], positions % page_size
+
+
 def bytes_per_token(layers: int, kv_dim: int, itemsize: int) -> int:
     return 2 * layers * kv_dim * itemsize
 
@@ -154,11 +160,11 @@ class KVCache:
         return len(self._pages.get(slot, ())) * self.layout.block_size
 
 
-def default_budget(backend, layout_bytes_per_token: int, context: int) -> int:
+def default_budget(backend, per_token: int, context: int) -> int:
     """Bytes for the cache when the user sets none: on a GPU a fraction of free memory, on
     the CPU address space that costs RAM only as it is used; never more than 64 sequences
     at the full context."""
-    useful = 64 * context * layout_bytes_per_token
+    useful = 64 * context * per_token
     free = backend.free_memory()
     budget = CPU_BUDGET if free is None else int(free * GPU_FRACTION)
     return min(budget, useful)
@@ -167,7 +173,8 @@ def default_budget(backend, layout_bytes_per_token: int, context: int) -> int:
 def release_pages(array_ptr: int, page_bytes: int, pages: list[int]) -> None:
     """Hand whole OS pages inside the given cache pages back to the OS (Linux madvise
     DONTNEED): they read as zeros when next touched. Elsewhere a no-op."""
-    if not sys.platform.startswith("linux") or not pages:
+    madvise = _linux_madvise()
+    if madvise is None:
         return
     os_page = 4096
     for page in pages:
@@ -175,20 +182,16 @@ def release_pages(array_ptr: int, page_bytes: int, pages: list[int]) -> None:
         lo = -(-start // os_page) * os_page
         hi = (start + page_bytes) // os_page * os_page
         if hi > lo:
-            _madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+            madvise(lo, hi - lo, 4)  # MADV_DONTNEED
 
 
 @functools.cache
-def _libc_madvise():
+def _linux_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return fn
-
-
-def _madvise(addr: int, length: int, advice: int) -> None:
-    fn = _libc_madvise()
-    if fn is not None:
-        fn(addr, length, advice)

@@ -83,7 +83,7 @@ class ModelRunner:
         """Every parameter the model's graphs declare (names and types), from the graphs."""
         g = Graph()
         self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=1 if self.spec.vlm else 0,
-                              layout=self._layout(num_blocks=2))
+                              layout=self._declaring)
         if self.spec.vlm:
             build_vision_graph(g, self.spec.vlm, images=1)
         return g.parameters
@@ -101,18 +101,19 @@ class ModelRunner:
         t = self.spec.text
         return bytes_per_token(t.num_hidden_layers, t.kv_dim, 4 if self.options.dtype == "float32" else 2)
 
-    def _layout(self, num_blocks: int) -> CacheLayout:
-        t = self.spec.text
-        return CacheLayout(t.num_hidden_layers, t.kv_dim, num_blocks, self.max_slots + 1,
-                           -(-self.max_seq // BLOCK_SIZE))
+    @property
+    def _declaring(self) -> CacheLayout:
+        """A one-token cache: enough for graphs built only to declare their parameters."""
+        return CacheLayout.contiguous(1, self.spec.text.kv_dim, slots=1, max_seq=1)
 
     @functools.cached_property
     def cache(self) -> KVCache:
         """Allocated on first use (after the weights, so a GPU budget sees what they left)."""
+        t = self.spec.text
         budget = self.cache_bytes or default_budget(self.backend, self.bytes_per_token, self.max_seq)
         pages = budget // (self.bytes_per_token * BLOCK_SIZE) + 1  # + the scratch page
-        prefixes = [self.spec.names.layer(i) for i in range(self.spec.text.num_hidden_layers)]
-        cache = KVCache(self.backend, self._layout(pages), prefixes)
+        layout = CacheLayout(t.num_hidden_layers, t.kv_dim, pages, self.max_slots + 1, -(-self.max_seq // BLOCK_SIZE))
+        cache = KVCache(self.backend, layout, [self.spec.names.layer(i) for i in range(t.num_hidden_layers)])
         self.store.states.update(cache.states)
         return cache
 
@@ -142,9 +143,8 @@ class ModelRunner:
     @functools.cached_property
     def _foldable(self) -> set[str]:
         """Parameters no plan of this model reads directly (only through prepared constants)."""
-        layout = self._layout(num_blocks=2)
         graphs = []
-        for build in (lambda g: self.build_text_graph(g, 1, 1, 1 if self.spec.vlm else 0, "decode", layout),
+        for build in (lambda g: self.build_text_graph(g, 1, 1, 1 if self.spec.vlm else 0, "decode", self._declaring),
                       *((lambda g, pad=pad: build_vision_graph(g, self.spec.vlm, 1, None, pad)) for pad in
                         ((False, True) if self.spec.vlm else ()))):
             g = Graph()
