@@ -160,12 +160,12 @@ def op_linear(node: Node, x, w, *extra):
     bias = rest.pop(0) if a["bias"] else None
     residual = rest.pop(0) if a["residual"] else None
     norm = rest.pop(0) if a["norm"] else None
-    if _fast(x) and bias is None and not a["gelu"] and x.stride(-1) == 1 and (
-            x.shape[0] == 1 or a["batch_invariant"]):
-        # the skinny-product kernel: one row, or a decode's rows, each computed as it is alone
-        # (cuBLAS picks its kernel, and so its summation order, by the row count)
-        from ..kernels.gemv import gemv
-        return gemv(x, w, residual, norm, a["eps"], a["gated"], float_out=a["float_out"])
+    if _fast(x) and bias is None and not a["gelu"] and x.stride(-1) == 1:
+        # the skinny-product kernel: one row, or a decode step's few rows, each computed as it
+        # is alone (cuBLAS picks its kernel, and so its summation order, by the row count)
+        from ..kernels.gemv import INVARIANT_ROWS, gemv
+        if x.shape[0] == 1 or (a["batch_invariant"] and x.shape[0] <= INVARIANT_ROWS):
+            return gemv(x, w, residual, norm, a["eps"], a["gated"], float_out=a["float_out"])
     if norm is not None:
         x = rms_norm(x, norm, a["eps"])
     if a["gated"]:

@@ -27,6 +27,9 @@ import triton.language as tl
 from . import pdl_args
 
 MAX_BM = 8  # rows sharing one loaded weight tile; wider batches take more programs (L2 re-reads)
+# Decode steps of up to this many rows run here, row-invariant; wider ones go to cuBLAS's tensor
+# cores (this kernel's cost grows with every row: at 8 rows it is ~1.6x cuBLAS's, at 32 ~4x).
+INVARIANT_ROWS = 8
 
 
 @triton.jit
@@ -50,12 +53,12 @@ def _apply_tile(acc, w, x_ptr, stride_x, norm_ptr, rstd, first, M, k, k_ok, K: t
                 GATED: tl.constexpr, BM: tl.constexpr, dtype: tl.constexpr):
     """acc[r] += f(x[first + r]) . w for the rows that exist (w: an fp32 [BN, BK] tile)."""
     r_ids = tl.arange(0, BM)
-    for r in tl.static_range(BM):
-        if first + r < M:
-            rstd_r = tl.sum(tl.where(r_ids == r, rstd, 0.0), axis=0)
-            xv = _row_values(x_ptr + (first + r) * stride_x, norm_ptr, rstd_r, k, k_ok, K, NORM, GATED, dtype)
-            part = tl.sum(w * xv[None, :], axis=1)
-            acc = tl.where(r_ids[:, None] == r, acc + part[None, :], acc)
+    for r in tl.static_range(BM):  # no branch on M: the rows' loads can all be in flight at once
+        rstd_r = tl.sum(tl.where(r_ids == r, rstd, 0.0), axis=0)
+        xv = _row_values(x_ptr + (first + r) * stride_x, norm_ptr, rstd_r, k, k_ok & (k * 0 + first + r < M), K, NORM,
+                         GATED, dtype)
+        part = tl.sum(w * xv[None, :], axis=1)
+        acc = tl.where(r_ids[:, None] == r, acc + part[None, :], acc)
     return acc
 
 
@@ -63,9 +66,9 @@ def _apply_tile(acc, w, x_ptr, stride_x, norm_ptr, rstd, first, M, k, k_ok, K: t
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, stride_w, stride_out, stride_res, eps,
                  K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    first = tl.program_id(1) * BM
+    first = tl.program_id(0) * BM  # row tiles vary fastest: a stripe's row tiles share its weight in L2
     r_ids = tl.arange(0, BM)
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < N
     dtype = x_ptr.dtype.element_ty  # the activations' rounding points; the output may be wider (logits)
     # the first weight tile does not depend on the previous kernel: fetch it before waiting
@@ -77,13 +80,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
     rstd = tl.zeros([BM], tl.float32)
     if NORM:
         for r in tl.static_range(BM):
-            if first + r < M:
-                squares = 0.0
-                for k0 in range(0, K, BK):
-                    kk = k0 + tl.arange(0, BK)
-                    xv = tl.load(x_ptr + (first + r) * stride_x + kk, mask=kk < K, other=0.0).to(tl.float32)
-                    squares += tl.sum(xv * xv, axis=0)
-                rstd = tl.where(r_ids == r, tl.rsqrt(squares / K + eps), rstd)
+            squares = 0.0
+            for k0 in range(0, K, BK):
+                kk = k0 + tl.arange(0, BK)
+                xv = tl.load(x_ptr + (first + r) * stride_x + kk, mask=(kk < K) & (kk * 0 + first + r < M),
+                             other=0.0).to(tl.float32)
+                squares += tl.sum(xv * xv, axis=0)
+            rstd = tl.where(r_ids == r, tl.rsqrt(squares / K + eps), rstd)
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _apply_tile(acc, w_first.to(tl.float32), x_ptr, stride_x, norm_ptr, rstd, first, M, k, k < K, K, NORM,
                       GATED, BM, dtype)
@@ -102,13 +105,17 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, stride_x, strid
 
 
 def tiles(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages), from bench/tune_gemv.py on an H100 (docs/perf.md): two-row
-    stripes over whole rows of K for the layer products (N ~ 1,000-5,000: hundreds of
-    programs), eight-row stripes for the vocabulary. They depend on the weight's shape only
-    (never on the row count: row invariance)."""
-    if n > 8192:
-        return 8, min(512, triton.next_power_of_2(k)), 2, 3
-    return 2, min(1024, triton.next_power_of_2(k)), (8 if k > 2048 else 4), 2
+    """(BN, BK, warps, stages) from bench/tune_skinny.py on an H200 (docs/perf.md), SmolVLM2-500M's
+    decode products at 1 to 8 rows: one-warp programs over narrow stripes (hundreds of them in
+    flight), eight warps for the long gated rows of the down projection. They depend on the
+    weight's shape only (never on the row count: row invariance)."""
+    if n > 8192:        # the vocabulary
+        return 8, min(512, triton.next_power_of_2(k)), 1, 3
+    if k > 2048:        # down (gated): long rows
+        return 2, 1024, 8, 2
+    if n > 4096:        # gate|up
+        return 4, min(512, triton.next_power_of_2(k)), 1, 2
+    return 2, min(1024, triton.next_power_of_2(k)), 1, 2
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
@@ -124,7 +131,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     bn, bk, warps, stages = config or tiles(n, k)
     bm = min(MAX_BM, triton.next_power_of_2(m))
     res = residual if residual is not None else out
-    _gemv_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+    _gemv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, w, out, res, norm if norm is not None else w, m, n, x.stride(0), w.stride(0), out.stride(0),
         res.stride(0), eps, K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
         BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **pdl_args(x))
