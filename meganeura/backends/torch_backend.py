@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..engine.kv_cache import cache_index, release_pages
 from ..graph import Node
+from .cpu_weights import CompactWeight, concat_rows, make_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,9 +149,10 @@ def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_
         length = int(positions[idx].max()) + 1
         tokens = torch.arange(length, device=q.device)
         at = block_table[slot, tokens // k_cache.shape[1]], tokens % k_cache.shape[1]
-        mask = tokens[None, :] <= positions[idx][:, None]  # [rows, length]
-        out[idx] = _sdpa(q[idx][None], k_cache[at][None], v_cache[at][None], heads, kv_heads,
-                         mask=mask[None, None])[0]
+        # a slot's lone row (a decode step) sees every gathered key: no mask, so SDPA reads the
+        # shared kv heads itself (enable_gqa) instead of copies repeated per query head
+        mask = None if len(rows) == 1 else (tokens[None, :] <= positions[idx][:, None])[None, None]
+        out[idx] = _sdpa(q[idx][None], k_cache[at][None], v_cache[at][None], heads, kv_heads, mask=mask)[0]
     return out
 
 
@@ -174,6 +176,9 @@ def op_linear(node: Node, x, w, *extra):
         # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
         return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
     def product(rows):
+        if isinstance(w, CompactWeight):  # int4/int8 on the CPU (cpu_weights.py)
+            out = w.product(rows, torch.float32 if a["float_out"] else rows.dtype)
+            return out if bias is None else out + bias
         if a["float_out"] and rows.dtype != torch.float32:
             out = _product_f32(rows, w)
             return out if bias is None else out + bias.float()
@@ -250,6 +255,12 @@ def op_patchify(node: Node, x):
     return x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(node.shape)
 
 
+def op_concat(node: Node, *xs):
+    if isinstance(xs[0], CompactWeight) and node.attrs["axis"] == 0:  # a merged q|k|v weight
+        return concat_rows(xs)
+    return torch.cat(xs, dim=node.attrs["axis"])
+
+
 def op_scatter_rows(node: Node, base, index, src):
     out = base.clone()
     out[index] = src.to(out.dtype)
@@ -274,7 +285,7 @@ OPS = {
     "embedding": lambda n, ids, table: table[ids],
     "scatter_rows": op_scatter_rows,
     "reshape": lambda n, x: x.reshape(n.shape),
-    "concat": lambda n, *xs: torch.cat(xs, dim=n.attrs["axis"]),
+    "concat": op_concat,
     "slice": lambda n, x: x.narrow(n.attrs["axis"], n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
     "pixel_shuffle": op_pixel_shuffle,
     "patchify": op_patchify,
@@ -307,6 +318,11 @@ class TorchBackend:
         if dtype == "u32":
             return t.to(self.device, torch.int64)
         return t.to(self.device, self.dtype)
+
+    def weight(self, source, form: str) -> CompactWeight:
+        if self.device.type != "cpu":
+            raise ValueError(f"{form} weights run on the CPU only (this backend runs on {self.device})")
+        return make_weight(source, form)
 
     @property
     def can_capture(self) -> bool:

@@ -1,0 +1,88 @@
+"""Compact CPU weight forms (backends/cpu_weights.py): each product against a float32 product of
+the very weights the form multiplies by, GGUF blocks read exactly, the form a checkpoint gets."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from meganeura.backends.cpu_weights import (Int4Weight, Int8Weight, concat_rows, from_gguf_blocks, make_weight)
+
+SHAPES = [(64, 96), (300, 64), (192, 576)]  # 300 rows: int4pack's multiple of 16 is padded
+
+
+def _weight(shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05)
+
+
+def _rows(k, n=2, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32))
+
+
+def _reference(x, w_effective):
+    """What the kernels compute: bf16 rows times the form's weight, accumulated in float32, out in bf16."""
+    return (x.bfloat16().double() @ w_effective.double().T).float()
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_product_matches_float_product_of_its_weights(form, shape):
+    w = make_weight(_weight(shape), form)
+    x = _rows(shape[1])
+    out = w.product(x, torch.float32)
+    ref = _reference(x, w.effective())
+    # the output is rounded to bfloat16: 2^-8 relative, plus float32 accumulation order
+    assert out.shape == (2, shape[0])
+    assert (out - ref).abs().max() <= 2**-8 * ref.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("form,bound", [("int4", 0.5 / 15), ("int8", 0.5 / 127)])
+def test_quantizing_floats_errs_at_most_half_a_step(form, bound):
+    w = _weight((64, 128))
+    q = make_weight(w, form)
+    if form == "int4":
+        span = (w.reshape(64, 4, 32).amax(-1) - w.reshape(64, 4, 32).amin(-1)).repeat_interleave(32, 1)
+    else:
+        span = w.abs().amax(1, keepdim=True) * 2 * 127 / 127  # two-sided range: 2 * max|w|
+        bound = 0.5 / 127 / 2 * 1.0001
+    assert ((q.dequantize() - w).abs() <= span * bound + 1e-7).all()
+    # the form's values as the product sees them: scale and zero in bfloat16
+    assert (q.effective() - q.dequantize()).abs().max() <= 2**-8 * w.abs().max() * 2
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_4bit_blocks_are_read_exactly(kind):
+    qtype = GGMLQuantizationType[kind]
+    w = _weight((64, 128)).numpy()
+    blocks = quantize(w, qtype)
+    exact = dequantize(blocks, qtype).reshape(64, 128)
+    weight = from_gguf_blocks(kind, blocks.reshape(64, -1), (64, 128), "int4")
+    assert isinstance(weight, Int4Weight)
+    assert torch.equal(weight.dequantize(), torch.from_numpy(exact))  # lookups: the file's values
+    assert torch.equal(weight[torch.tensor([3, 7])], torch.from_numpy(exact[[3, 7]]))
+    # products: scale d and zero m + 8d in bfloat16; the gap to the file's values is stated as
+    # at most 2^-8 of each group's largest |d * q| plus |m + 8d|
+    x = _rows(128)
+    out = weight.product(x, torch.float32)
+    assert (out - _reference(x, weight.effective())).abs().max() <= 2**-8 * out.abs().max() + 1e-5
+    assert (weight.effective() - torch.from_numpy(exact)).abs().max() <= 2**-8 * 16 * weight.scales.abs().max()
+
+
+def test_gguf_q8_0_requantized_per_row_within_half_a_row_step():
+    w = _weight((64, 128)).numpy()
+    blocks = quantize(w, GGMLQuantizationType.Q8_0)
+    exact = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q8_0).reshape(64, 128))
+    weight = from_gguf_blocks("Q8_0", blocks.reshape(64, -1), (64, 128), "int8")
+    assert isinstance(weight, Int8Weight)
+    step = exact.abs().amax(1, keepdim=True) / 127
+    assert ((weight.dequantize() - exact).abs() <= step / 2 * 1.0001).all()
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_merged_weights_equal_the_parts(form):
+    parts = [make_weight(_weight((n, 64), seed=n), form) for n in (64, 32, 32)]
+    merged = concat_rows(parts)
+    x = _rows(64)
+    out = merged.product(x, torch.float32)
+    assert torch.equal(out, torch.cat([p.product(x, torch.float32) for p in parts], dim=1))
