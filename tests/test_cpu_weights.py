@@ -86,3 +86,14 @@ def test_merged_weights_equal_the_parts(form):
     x = _rows(64)
     out = merged.product(x, torch.float32)
     assert torch.equal(out, torch.cat([p.product(x, torch.float32) for p in parts], dim=1))
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_a_rows_result_does_not_depend_on_the_row_count(form):
+    """Decode graphs are batch invariant: compact products run all rows at once (no pairs) because
+    each row's result has the same bits whatever else is in the batch."""
+    w = make_weight(_weight((192, 576)), form)
+    x = _rows(576, n=40)
+    alone = torch.cat([w.product(x[i:i + 1], torch.float32) for i in range(40)])
+    for m in (2, 3, 8, 17, 40):
+        assert torch.equal(w.product(x[:m], torch.float32), alone[:m])
