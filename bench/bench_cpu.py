@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--llama-extra-bufts", action="store_true",
                         help="let llama.cpp use its extra buffer types (AMX, repacked weights): for a build whose "
                              "AMX path works on this CPU (GGML_NATIVE=OFF with AVX-512 flags)")
+    parser.add_argument("--work", help="a folder for the written GGUFs and logits (kept: reused by later runs)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one engine, JSON out
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,11 +248,13 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp is left out", file=sys.stderr)
         engines = [e for e in engines if not e.startswith("llama.cpp")]
-    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     write_texts(work)
     for kind in ("F16", "Q8_0"):
-        if f"llama.cpp-{kind}" in engines:
-            write_gguf(kind, work / f"SmolLM2-135M-Instruct.{kind}.gguf")
+        path = work / f"SmolLM2-135M-Instruct.{kind}.gguf"
+        if f"llama.cpp-{kind}" in engines and not path.exists():
+            write_gguf(kind, path)
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(args.rounds):
         for engine in engines:  # alternated: every round runs each engine once, in turn

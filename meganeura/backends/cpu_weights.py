@@ -7,11 +7,10 @@ memory bandwidth: 4-bit weights are an eighth of float32's. The forms:
   along k: GGUF's Q4_1 exactly (Q4_0 is m = -8d). Products run torch's
   `_weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero with scale = d and
   zero = m + 8d.
-* `Int8Weight`: w[n, k] = s[n] * q[n, k], q in -127..127, one scale per output row: the form
-  `_weight_int8pack_mm` reads. GGUF's Q8_0 has a scale per 32 values, so it is requantized
-  per row (the error is bounded by half a row step; docs/design.md).
+* `Int8Weight`: w[n, k] = d[n, g] * q[n, k], q in -128..127: GGUF's Q8_0 exactly. Products
+  run the int4 kernel twice, on q's high and low nibbles.
 
-Both kernels are fast only with bfloat16 activations (measured: 10-60x slower in float32 or
+The kernel is fast only with bfloat16 activations (measured: 10-60x slower in float32 or
 float16), so a product rounds its rows to bfloat16, the kernel accumulates in float32 and rounds
 its output to bfloat16; scale and zero are bfloat16 there too. Lookups (an embedding table that
 is also the tied lm_head) dequantize rows exactly, in float32.
@@ -42,6 +41,28 @@ class CompactWeight:
         return self[torch.arange(self.shape[0])]
 
 
+def _pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4pack's weight for 4-bit values [N, K] (0..15) and its [K/32, N, 2] scales and
+    zeros in bf16; N is padded to int4pack's multiple of 16 with zero rows."""
+    n, k = values.shape
+    pad = -n % _PACK_ROWS
+    values = values.to(torch.int32)
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad, k)])
+        scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+    weight = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    return weight, torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _int4_product(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed[0], GROUP, packed[1])[:, :n]
+
+
+def _per_group(t: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] -> [N, K]: each group's number repeated over its 32 values."""
+    return t.repeat_interleave(GROUP, dim=-1)
+
+
 class Int4Weight(CompactWeight):
     """codes uint8 [N, K/2] in GGUF's block order (byte j of a block holds values j and j + 16),
     scales and mins float32 [N, K/32]."""
@@ -51,60 +72,64 @@ class Int4Weight(CompactWeight):
         self.shape = (codes.shape[0], codes.shape[1] * 2)
         self._packed = None
 
-    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _values(codes: torch.Tensor) -> torch.Tensor:
         """uint8 codes [r, K/2] -> the 4-bit values [r, K] in k order (uint8)."""
         blocks = codes.reshape(codes.shape[0], -1, GROUP // 2)
         return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(codes.shape[0], -1)
 
     def __getitem__(self, ids) -> torch.Tensor:
-        q = self._values(self.codes[ids]).float().reshape(-1, self.shape[1] // GROUP, GROUP)
-        w = q * self.scales[ids][..., None] + self.mins[ids][..., None]
-        return w.reshape(-1, self.shape[1])
+        return self._values(self.codes[ids]).float() * _per_group(self.scales[ids]) + _per_group(self.mins[ids])
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int4pack's weight and its [K/32, N, 2] scales and zeros (bf16), made on first use:
-        parts merged into one product (q|k|v) are concatenated before they are packed."""
+        """Made on first use: parts merged into one product (q|k|v) are concatenated before
+        they are packed (int4pack interleaves rows in blocks of 64)."""
         if self._packed is None:
-            n, k = self.shape
-            pad = -n % _PACK_ROWS
-            values = self._values(self.codes).to(torch.int32)
-            scales, zeros = self.scales, self.mins + 8 * self.scales
-            if pad:
-                values = torch.cat([values, values.new_zeros(pad, k)])
-                scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-            weight = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-            scales_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
-            self._packed = (weight, scales_zeros)
+            self._packed = _pack_int4(self._values(self.codes), self.scales, self.mins + 8 * self.scales)
         return self._packed
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        weight, scales_zeros = self.packed()
-        out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, GROUP, scales_zeros)
-        return out[:, : self.shape[0]].to(out_dtype)
+        return _int4_product(x, self.packed(), self.shape[0]).to(out_dtype)
 
     def effective(self) -> torch.Tensor:
         """The float32 weight the product multiplies by: bf16 scale and zero (tests' reference)."""
         scales_zeros = self.packed()[1].float()[:, : self.shape[0]]
-        scale, zero = (scales_zeros[..., i].T.repeat_interleave(GROUP, dim=1) for i in (0, 1))
+        scale, zero = (_per_group(scales_zeros[..., i].T) for i in (0, 1))
         return (self._values(self.codes).float() - 8) * scale + zero
 
 
 class Int8Weight(CompactWeight):
-    """values int8 [N, K], scales float32 [N]."""
+    """values int8 [N, K], scales float32 [N, K/32]: GGUF's Q8_0 exactly.
+
+    Products split each value into its high and low nibbles, q = 16 * (q >> 4) + (q & 15), and
+    run two int4pack products: (h - 8) * 16d + 0 with h = (q >> 4) + 8, and (l - 8) * d + 8d;
+    both scales are powers of two times bf16(d), so the pair multiplies by bf16(d) * q. (torch's
+    `_weight_int8pack_mm` takes one scale per row: a Q8_0 file requantized to it cost 2x the
+    KL divergence, docs/rejected-optimizations.md.)"""
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
         self.values, self.scales = values, scales
         self.shape = tuple(values.shape)
-        self._scales_bf16 = scales.to(torch.bfloat16)
+        self._packed = None
 
     def __getitem__(self, ids) -> torch.Tensor:
-        return self.values[ids].float() * self.scales[ids][..., None]
+        return self.values[ids].float() * _per_group(self.scales[ids])
+
+    def packed(self):
+        if self._packed is None:
+            high, low = (self.values >> 4) + 8, self.values & 15
+            zero = torch.zeros_like(self.scales)
+            self._packed = (_pack_int4(high, 16 * self.scales, zero), _pack_int4(low, self.scales, 8 * self.scales))
+        return self._packed
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.values, self._scales_bf16).to(out_dtype)
+        high, low = self.packed()
+        n = self.shape[0]
+        return (_int4_product(x, high, n).float() + _int4_product(x, low, n).float()).to(out_dtype)
 
     def effective(self) -> torch.Tensor:
-        return self.values.float() * self._scales_bf16.float()[:, None]
+        scale = _per_group(self.scales.to(torch.bfloat16).float())
+        return self.values.float() * scale
 
 
 # ---- making the forms ------------------------------------------------------------------------
@@ -122,11 +147,12 @@ def quantize_int4(w: torch.Tensor) -> Int4Weight:
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    """Symmetric per output row: s = max|w| / 127, q = round(w / s)."""
-    w = w.float()
-    s = w.abs().amax(1) / 127
-    q = torch.where(s[:, None] > 0, w / s.clamp_min(1e-30)[:, None], 0).round().clamp(-127, 127)
-    return Int8Weight(q.to(torch.int8).contiguous(), s.contiguous())
+    """Symmetric per group of 32 along k (Q8_0's form): d = max|w| / 127, q = round(w / d)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    d = g.abs().amax(-1) / 127
+    q = torch.where(d[..., None] > 0, g / d.clamp_min(1e-30)[..., None], 0).round().clamp(-127, 127)
+    return Int8Weight(q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous())
 
 
 def _f16(blocks: np.ndarray, at: int) -> torch.Tensor:
@@ -135,8 +161,8 @@ def _f16(blocks: np.ndarray, at: int) -> torch.Tensor:
 
 
 def from_gguf_blocks(kind: str, data: np.ndarray, shape: tuple[int, int], form: str) -> CompactWeight:
-    """A form read straight from GGUF blocks (uint8 [rows, bytes]): Q4_0/Q4_1 as int4
-    (exact), Q8_0 as int8 (requantized per row); no float32 copy of the whole weight."""
+    """A form read straight from GGUF blocks (uint8 [rows, bytes]), exactly: Q4_0/Q4_1 as
+    int4, Q8_0 as int8; no float32 copy of the whole weight."""
     n, k = shape
     blocks = data.reshape(n, k // GROUP, _BLOCK_BYTES[kind])
     if form == "int4" and kind in ("Q4_0", "Q4_1"):
@@ -146,15 +172,14 @@ def from_gguf_blocks(kind: str, data: np.ndarray, shape: tuple[int, int], form: 
         codes = torch.from_numpy(np.ascontiguousarray(blocks[..., start:]).reshape(n, k // 2))
         return Int4Weight(codes, d, m)
     if form == "int8" and kind == "Q8_0":
-        d = _f16(blocks, 0)
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8))
-        return quantize_int8((q.float() * d[..., None]).reshape(n, k))
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k))
+        return Int8Weight(q, _f16(blocks, 0))
     raise ValueError(f"no {form} form is read directly from {kind} blocks")
 
 
 def fits(form: str, shape: tuple[int, ...]) -> bool:
-    """Can a weight of this shape take the form? (2-D, rows of whole groups for int4)"""
-    return len(shape) == 2 and (form != "int4" or shape[1] % GROUP == 0)
+    """Can a weight of this shape take the form? (2-D, rows of whole groups of 32)"""
+    return len(shape) == 2 and shape[1] % GROUP == 0
 
 
 def reads_blocks(kind: str | None, form: str) -> bool:

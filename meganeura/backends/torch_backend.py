@@ -84,12 +84,17 @@ def _inv_freq(theta: float, d: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).to(device)
 
 
-def rotate(x, positions, d: int, theta: float):
-    """Rotate-half RoPE of x [rows, heads*d]; cos/sin rounded to x's dtype and each product
-    rounded, as transformers does in bf16."""
-    freqs = positions.to(torch.float32)[:, None] * _inv_freq(theta, d, x.device)[None, :]
+def rope_tables(positions, d: int, theta: float, dtype):
+    """cos and sin [rows, 1, d] of each row's position, rounded to dtype as transformers does."""
+    freqs = positions.to(torch.float32)[:, None] * _inv_freq(theta, d, positions.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def rotate(x, positions, d: int, theta: float, tables=None):
+    """Rotate-half RoPE of x [rows, heads*d]; cos/sin rounded to x's dtype and each product
+    rounded, as transformers does in bf16. `tables`: rope_tables already made for positions."""
+    cos, sin = tables or rope_tables(positions, d, theta, x.dtype)
     xh = x.reshape(x.shape[0], -1, d)
     rotated = torch.cat([-xh[..., d // 2:], xh[..., : d // 2]], dim=-1)
     return (xh * cos + rotated * sin).reshape(x.shape)
@@ -113,8 +118,9 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         if mode == "prefill":  # the rotated keys, also written out beside the cache
             q, k = q
     else:
-        if theta is not None:
-            q, k = rotate(q, positions, d, theta), rotate(k, positions, d, theta)
+        if theta is not None:  # one cos/sin table for q and k
+            tables = rope_tables(positions, d, theta, q.dtype)
+            q, k = rotate(q, positions, d, theta, tables), rotate(k, positions, d, theta, tables)
         at = cache_index(block_table, slots, positions, k_cache.shape[1])
         k_cache[at] = k.to(k_cache.dtype)
         v_cache[at] = v.to(v_cache.dtype)
@@ -147,12 +153,14 @@ def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_
         rows = [i for i, s in enumerate(slot_list) if s == slot]
         idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
         length = int(positions[idx].max()) + 1
-        tokens = torch.arange(length, device=q.device)
-        at = block_table[slot, tokens // k_cache.shape[1]], tokens % k_cache.shape[1]
+        pages = block_table[slot, : -(-length // k_cache.shape[1])]  # whole pages: one row gather each
+        keys, values = (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
         # a slot's lone row (a decode step) sees every gathered key: no mask, so SDPA reads the
         # shared kv heads itself (enable_gqa) instead of copies repeated per query head
-        mask = None if len(rows) == 1 else (tokens[None, :] <= positions[idx][:, None])[None, None]
-        out[idx] = _sdpa(q[idx][None], k_cache[at][None], v_cache[at][None], heads, kv_heads, mask=mask)[0]
+        mask = None
+        if len(rows) > 1:
+            mask = (torch.arange(length, device=q.device)[None, :] <= positions[idx][:, None])[None, None]
+        out[idx] = _sdpa(q[idx][None], keys[None], values[None], heads, kv_heads, mask=mask)[0]
     return out
 
 
