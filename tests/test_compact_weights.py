@@ -88,12 +88,14 @@ def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
 
 
 def test_kl_divergence_from_float32_over_a_long_text(smollm2):
-    """Bounds are ~1.5x what was measured (docs/perf.md: int4 0.0021, int8 0.0016 on this text)."""
+    """Bounds are ~1.5x what was measured on this text (docs/perf.md): the file's own forms
+    (int4 layers, int8 head, both exact) 0.0011; int8 everywhere (the Q4_1 values requantized
+    to 8 bits per group) 0.0026."""
     text = (Path(__file__).parents[1] / "docs" / "design.md").read_text()[:4200]
     messages = [{"role": "user", "content": text}]
     float32 = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False, quantize="none")
     ref = float32.logits(messages)
     assert 900 <= len(ref) <= 1300
     int8 = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False, quantize="int8")
-    for pipe, bound in ((smollm2, 3e-3), (int8, 3e-3)):
+    for pipe, bound in ((smollm2, 1.6e-3), (int8, 4e-3)):
         assert _kl(ref, pipe.logits(messages)) < bound
