@@ -35,8 +35,10 @@ def test_compact_model_matches_float_model_of_the_same_weights(folder, form, bou
     assert compact.runner.weight_form == form and len(forms) == 2 * 7 + 1  # 7 products a layer, the head
     head = "lm_head.weight"
     assert forms[head] == "int8" and {f for n, f in forms.items() if n != head} == {form}
+    store = compact.runner.store
     for name in forms:  # the float model gets the values the compact products multiply by
-        reference.runner.store.set_parameter(name, compact.runner.store.parameter(name).effective().numpy())
+        fresh = store._upload(name, store.sources[name]())  # the form's numbers, before packing
+        reference.runner.store.set_parameter(name, fresh.effective().numpy())
     messages = _messages(40)
     ours, ref = compact.logits(messages), reference.logits(messages)
     # what is left: activations rounded to bfloat16 before each product and its output after

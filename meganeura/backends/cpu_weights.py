@@ -23,15 +23,20 @@ import torch
 
 GROUP = 32        # values per scale (GGUF's block size; int4pack's group size)
 _PACK_ROWS = 16   # int4pack needs a multiple of 16 output rows: pad with zero rows
+_PACK_CHUNK = 4096  # rows packed at a time (a multiple of int4pack's 64-row blocks)
 _FORMS = ("int8", "int4")
 # GGUF block layouts read here directly: bytes per block of 32 values
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 class CompactWeight:
-    """A [N, K] weight in a compact form: `product(x)` is x @ w.T, `w[ids]` dequantized rows."""
+    """A [N, K] weight in a compact form: `product(x)` is x @ w.T, `w[ids]` dequantized rows.
+
+    The form's own numbers are dropped once packed for products, unless `lookups` is set (an
+    embedding table that is also the tied lm_head): the packed form holds them once."""
 
     shape: tuple[int, int]
+    lookups = False
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -46,11 +51,14 @@ def _pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     zeros in bf16; N is padded to int4pack's multiple of 16 with zero rows."""
     n, k = values.shape
     pad = -n % _PACK_ROWS
-    values = values.to(torch.int32)
     if pad:
         values = torch.cat([values, values.new_zeros(pad, k)])
         scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-    weight = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    # in chunks of rows (int4pack packs blocks of 64 rows: chunks on those bounds concatenate),
+    # so the int32 values it takes never exist for the whole weight at once
+    chunks = [torch._convert_weight_to_int4pack_for_cpu(values[i:i + _PACK_CHUNK].to(torch.int32), 1)
+              for i in range(0, len(values), _PACK_CHUNK)]
+    weight = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return weight, torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
 
 
@@ -86,15 +94,17 @@ class Int4Weight(CompactWeight):
         they are packed (int4pack interleaves rows in blocks of 64)."""
         if self._packed is None:
             self._packed = _pack_int4(self._values(self.codes), self.scales, self.mins + 8 * self.scales)
+            if not self.lookups:
+                self.codes = self.scales = self.mins = None
         return self._packed
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         return _int4_product(x, self.packed(), self.shape[0]).to(out_dtype)
 
     def effective(self) -> torch.Tensor:
-        """The float32 weight the product multiplies by: bf16 scale and zero (tests' reference)."""
-        scales_zeros = self.packed()[1].float()[:, : self.shape[0]]
-        scale, zero = (_per_group(scales_zeros[..., i].T) for i in (0, 1))
+        """The float32 weight the product multiplies by: scale and zero rounded to bf16, as
+        packed (tests' reference; before packing, or with lookups)."""
+        scale, zero = (_per_group(t.to(torch.bfloat16).float()) for t in (self.scales, self.mins + 8 * self.scales))
         return (self._values(self.codes).float() - 8) * scale + zero
 
 
@@ -120,6 +130,8 @@ class Int8Weight(CompactWeight):
             high, low = (self.values >> 4) + 8, self.values & 15
             zero = torch.zeros_like(self.scales)
             self._packed = (_pack_int4(high, 16 * self.scales, zero), _pack_int4(low, self.scales, 8 * self.scales))
+            if not self.lookups:
+                self.values = self.scales = None
         return self._packed
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

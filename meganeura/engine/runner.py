@@ -109,6 +109,8 @@ class ModelRunner:
             else:
                 read = lambda name=name: tensors[name]  # noqa: E731
             self.store.set_parameter(name, read(), reload=read, form=form)
+            if form and name in self._lookup_tables:  # a tied head: rows are looked up too
+                self.store.parameters[name].lookups = True
         counts = {f: sum(1 for g in forms.values() if g == f) for f in sorted(set(forms.values()))}
         self.weight_form = max(counts, key=counts.get) if counts else "none"
         if len(counts) > 1:
@@ -123,6 +125,12 @@ class ModelRunner:
         linears = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "parameter"]
         head = next(n.inputs[1].name for n in linears if n.attrs["float_out"])
         return {n.inputs[1].name for n in linears}, head
+
+    @functools.cached_property
+    def _lookup_tables(self) -> set[str]:
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        return {n.inputs[1].name for n in g.nodes if n.op == "embedding" and n.inputs[1].op == "parameter"}
 
     def weight_forms(self, tensors: Mapping) -> dict[str, str]:
         """name -> compact form of each product weight kept compact. `options.quantize`:
