@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .generate import GenerationConfig
-from .pipeline import DEFAULT_MODEL, DEVICES, DTYPES, compile_options
+from .pipeline import DEFAULT_MODEL, DEVICES, DTYPES, QUANTIZE, compile_options
 
 MODEL_HELP = "local folder, .gguf file, Hub id, or smollm2-135m-instruct (default: %(default)s)"
 CHAT_COMMANDS = """commands:
@@ -100,14 +100,17 @@ def _load(args, media: bool = False):
     from .pipeline import Pipeline, model_spec
     from .weights import load_checkpoint
     try:
-        options = compile_options(args.device, args.dtype)  # a missing GPU fails before any download
+        options = compile_options(args.device, args.dtype, args.quantize)  # a missing GPU fails before any download
     except ValueError as e:  # its messages begin with the setting's name: make that the flag's
         raise ValueError(f"--{e}") from None
     print(f"loading {args.model} ...", file=sys.stderr)
     checkpoint = load_checkpoint(args.model)
     if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
         raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
-    return Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None)
+    pipe = Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None)
+    if getattr(args, "verbose", False):
+        print(f"weights: {pipe.runner.weight_form} ({pipe.runner.weight_form_reason})", file=sys.stderr)
+    return pipe
 
 
 def _stream(pipe, messages, settings, verbose: bool) -> str:
@@ -259,6 +262,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="where to run (default: %(default)s: a CUDA GPU when there is one)")
             p.add_argument("--dtype", choices=DTYPES, default="auto",
                            help="weights and activations (default: %(default)s: bfloat16 on a GPU, else float32)")
+            p.add_argument("--quantize", choices=QUANTIZE, default="auto",
+                           help="the text weights kept int8 or int4 on the CPU (default: %(default)s: a GGUF's own "
+                                "precision, e.g. Q4_1 runs 4-bit; float checkpoints: none)")
             p.add_argument("--kv-cache-mb", type=_positive, default=None, metavar="MB",
                            help="the KV cache's budget (default: a fifth of free GPU memory; on the CPU 2 GiB of "
                                 "address space, taken as RAM only by tokens in use)")

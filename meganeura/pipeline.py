@@ -92,21 +92,28 @@ def _check_sizes(spec: ModelSpec, tensors: Mapping, where: str) -> None:
 
 DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("auto", "none", "int8", "int4")
 
 
-def compile_options(device: str = "auto", dtype: str = "auto") -> CompileOptions:
+def compile_options(device: str = "auto", dtype: str = "auto", quantize: str = "auto") -> CompileOptions:
     """Pick the backend: torch when installed (CUDA when present), else the numpy reference.
-    A device that is not there is an error now, not a torch error at the first weight."""
+    A device that is not there is an error now, not a torch error at the first weight.
+    quantize: the text decoder's product weights, kept int8 or int4 on the CPU; "auto" keeps
+    the checkpoint's own precision there (ModelRunner.choose_form)."""
     if not DEVICES.fullmatch(device):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     try:
         import torch
     except ImportError:
         if device not in ("auto", "cpu"):
             raise ValueError(f"device {device} needs torch: pip install 'meganeura[torch]'") from None
-        return CompileOptions(backend="numpy")
+        if quantize in ("int8", "int4"):
+            raise ValueError(f"quantize {quantize} needs torch: pip install 'meganeura[torch]'") from None
+        return CompileOptions(backend="numpy", quantize="none")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -115,7 +122,9 @@ def compile_options(device: str = "auto", dtype: str = "auto") -> CompileOptions
         raise ValueError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return CompileOptions(backend="torch", device=device, dtype=dtype)
+    if quantize in ("int8", "int4") and device.startswith("cuda"):
+        raise ValueError(f"quantize {quantize}: compact weights run on the CPU only (device {device})")
+    return CompileOptions(backend="torch", device=device, dtype=dtype, quantize=quantize)
 
 
 def _json(folder: Path | None, name: str) -> dict:
@@ -371,12 +380,15 @@ def _bar(enabled: bool, what: str):
 
 
 def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-         progress: bool = True, kv_cache_bytes: int | None = None) -> Pipeline:
+         progress: bool = True, kv_cache_bytes: int | None = None, quantize: str = "auto") -> Pipeline:
     """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct".
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
-    address space on the CPU, where RAM is taken only by tokens in use)."""
-    options = compile_options(device, dtype)  # a missing GPU fails before any download
+    address space on the CPU, where RAM is taken only by tokens in use).
+    quantize: "int4" or "int8" keeps the text decoder's weights compact on the CPU; "auto"
+    keeps a GGUF's own precision there (a Q4_1 file runs 4-bit); "none": float weights.
+    `pipe.runner.weight_form` says which form was chosen and why."""
+    options = compile_options(device, dtype, quantize)  # a missing GPU fails before any download
     return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
                     kv_cache_bytes=kv_cache_bytes)
 

@@ -27,6 +27,7 @@ class CompileOptions:
     backend: str = "numpy"      # "numpy" (the reference) or "torch"
     device: str = "cpu"         # torch device: "cpu", "cuda", "cuda:1"
     dtype: str = "float32"      # torch weight and activation dtype: "float32", "bfloat16", "float16"
+    quantize: str = "none"      # the text decoder's product weights: "none", "int8", "int4" (torch CPU)
     optimize: bool = True       # run the fusion passes
 
 
@@ -50,23 +51,33 @@ class Store:
     def __init__(self, backend) -> None:
         self.backend = backend
         self.sources: dict[str, object] = {}
+        self.forms: dict[str, str] = {}  # parameters the backend keeps in a compact form (int4, int8)
         self.parameters: dict[str, object] = {}
         self.states: dict[str, object] = {}
         self.constants: dict[str, object] = {}
         self.version = 0  # bumped when parameters change: captured replays must be re-recorded
 
-    def set_parameter(self, name: str, array, reload=None) -> None:
+    def set_parameter(self, name: str, array, reload=None, form: str | None = None) -> None:
         """`reload()` gives the host array again if a released parameter is needed later (a
-        checkpoint's lazy tensor: no host copy is kept); by default the array is kept."""
+        checkpoint's lazy tensor: no host copy is kept); by default the array is kept. With a
+        `form`, the backend keeps the weight compact (`array` may then be quantized blocks)."""
         self.sources[name] = reload or (lambda: array)
-        self.parameters[name] = self.backend.from_host(array, "f32")
+        if form:
+            self.forms[name] = form
+        else:
+            self.forms.pop(name, None)
+        self.parameters[name] = self._upload(name, array)
         self.constants.clear()  # derived from parameters: recompute on next use
         self.version += 1
+
+    def _upload(self, name: str, array):
+        form = self.forms.get(name)
+        return self.backend.weight(array, form) if form else self.backend.from_host(array, "f32")
 
     def parameter(self, name: str):
         value = self.parameters.get(name)
         if value is None:
-            value = self.parameters[name] = self.backend.from_host(self.sources[name](), "f32")
+            value = self.parameters[name] = self._upload(name, self.sources[name]())
         return value
 
     def release(self, names) -> None:

@@ -144,9 +144,10 @@ def test_prompt_from_stdin_with_a_timing_summary_and_no_progress_bar(tiny):
     out = process("run", "--model", str(tiny), "--device", "cpu", "--max-new-tokens", "3", "-v", input="hi\n")
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
-    assert lines[0] == f"loading {tiny} ..." and len(lines) == 2, out.stderr
+    assert lines[0] == f"loading {tiny} ..." and len(lines) == 3, out.stderr
+    assert lines[1] == "weights: none (auto: the checkpoint's own precision (F32))"  # a float folder stays float
     assert re.fullmatch(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tok/s\); answer: \d+ tokens, decoded in [\d.]+ s "
-                        r"\([\d.]+ tok/s\)", lines[1]), lines[1]
+                        r"\([\d.]+ tok/s\)", lines[2]), lines[2]
     assert "\r" not in out.stderr  # the weights bar is for terminals only
 
 
@@ -197,3 +198,12 @@ def test_chat_drops_a_failed_attachment_keeps_the_history_and_reports_unknown_co
     texts = [[part.get("type") == "text" and part["text"] for part in m["content"]] for m in calls[-1]]
     assert [m["role"] for m in calls[-1]] == ["user", "assistant", "user"]
     assert texts[0] == ["first"] and texts[2] == ["third"]  # no image rides along any more
+
+
+def test_quantize_flag_states_the_weights_form(capsys, tiny):
+    code, out, err = run(capsys, "run", "--model", str(tiny), "--device", "cpu", "--quantize", "int4",
+                         "--max-new-tokens", "2", "-v", "hi")
+    assert code == 0, err
+    assert "weights: int4 (asked for; the lm_head int8; 14 weights int4, 1 weights int8)" in err.splitlines()
+    code, _, err = run(capsys, "run", "--model", str(tiny), "--device", "cpu", "--quantize", "int3", "hi")
+    assert code == 2 and "--quantize" in err and "int3" in err

@@ -19,7 +19,9 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def pipe():
-    return meganeura.load("smollm2-135m-instruct", device="cpu", progress=False)
+    # float32 products of the dequantized file, as transformers runs it (the default keeps the
+    # file 4-bit: tests/test_compact_weights.py)
+    return meganeura.load("smollm2-135m-instruct", device="cpu", progress=False, quantize="none")
 
 
 @pytest.fixture(scope="module")

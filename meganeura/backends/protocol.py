@@ -18,6 +18,11 @@ class Backend(Protocol):
     def from_host(self, array, dtype: str) -> Any:
         """A backend array of a host array ("f32": the backend's float dtype; "u32": indices)."""
 
+    def weight(self, source, form: str) -> Any:
+        """A product weight kept compact ("int8", "int4"): `source` is a float [N, K] host array
+        or a GGUF tensor's quantized blocks (weights.LazyTensors.blocks). Optional: only
+        backends that offer compact forms are asked (the torch backend on the CPU)."""
+
     def to_host(self, value) -> np.ndarray:
         """float32 (or uint32 for indices) numpy array."""
 

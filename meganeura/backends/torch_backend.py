@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..engine.kv_cache import cache_index, release_pages
 from ..graph import Node
+from .cpu_weights import CompactWeight, concat_rows, make_weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,12 +84,17 @@ def _inv_freq(theta: float, d: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).to(device)
 
 
-def rotate(x, positions, d: int, theta: float):
-    """Rotate-half RoPE of x [rows, heads*d]; cos/sin rounded to x's dtype and each product
-    rounded, as transformers does in bf16."""
-    freqs = positions.to(torch.float32)[:, None] * _inv_freq(theta, d, x.device)[None, :]
+def rope_tables(positions, d: int, theta: float, dtype):
+    """cos and sin [rows, 1, d] of each row's position, rounded to dtype as transformers does."""
+    freqs = positions.to(torch.float32)[:, None] * _inv_freq(theta, d, positions.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def rotate(x, positions, d: int, theta: float, tables=None):
+    """Rotate-half RoPE of x [rows, heads*d]; cos/sin rounded to x's dtype and each product
+    rounded, as transformers does in bf16. `tables`: rope_tables already made for positions."""
+    cos, sin = tables or rope_tables(positions, d, theta, x.dtype)
     xh = x.reshape(x.shape[0], -1, d)
     rotated = torch.cat([-xh[..., d // 2:], xh[..., : d // 2]], dim=-1)
     return (xh * cos + rotated * sin).reshape(x.shape)
@@ -112,8 +118,9 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         if mode == "prefill":  # the rotated keys, also written out beside the cache
             q, k = q
     else:
-        if theta is not None:
-            q, k = rotate(q, positions, d, theta), rotate(k, positions, d, theta)
+        if theta is not None:  # one cos/sin table for q and k
+            tables = rope_tables(positions, d, theta, q.dtype)
+            q, k = rotate(q, positions, d, theta, tables), rotate(k, positions, d, theta, tables)
         at = cache_index(block_table, slots, positions, k_cache.shape[1])
         k_cache[at] = k.to(k_cache.dtype)
         v_cache[at] = v.to(v_cache.dtype)
@@ -146,11 +153,14 @@ def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_
         rows = [i for i, s in enumerate(slot_list) if s == slot]
         idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
         length = int(positions[idx].max()) + 1
-        tokens = torch.arange(length, device=q.device)
-        at = block_table[slot, tokens // k_cache.shape[1]], tokens % k_cache.shape[1]
-        mask = tokens[None, :] <= positions[idx][:, None]  # [rows, length]
-        out[idx] = _sdpa(q[idx][None], k_cache[at][None], v_cache[at][None], heads, kv_heads,
-                         mask=mask[None, None])[0]
+        pages = block_table[slot, : -(-length // k_cache.shape[1])]  # whole pages: one row gather each
+        keys, values = (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
+        # a slot's lone row (a decode step) sees every gathered key: no mask, so SDPA reads the
+        # shared kv heads itself (enable_gqa) instead of copies repeated per query head
+        mask = None
+        if len(rows) > 1:
+            mask = (torch.arange(length, device=q.device)[None, :] <= positions[idx][:, None])[None, None]
+        out[idx] = _sdpa(q[idx][None], keys[None], values[None], heads, kv_heads, mask=mask)[0]
     return out
 
 
@@ -176,12 +186,16 @@ def op_linear(node: Node, x, w, *extra):
         # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
         return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
     def product(rows):
+        if isinstance(w, CompactWeight):  # int4/int8 on the CPU (cpu_weights.py)
+            out = w.product(rows, torch.float32 if a["float_out"] else rows.dtype)
+            return out if bias is None else out + bias
         if a["float_out"] and rows.dtype != torch.float32:
             out = _product_f32(rows, w)
             return out if bias is None else out + bias.float()
         return rows @ w.T if bias is None else torch.addmm(bias, rows, w.T)
 
-    if a["batch_invariant"] and not x.is_cuda and x.shape[0] != 2:
+    # (compact weights' kernels compute each row alone: the same bits for 1..40 rows, tested)
+    if a["batch_invariant"] and not x.is_cuda and x.shape[0] != 2 and not isinstance(w, CompactWeight):
         # The CPU's BLAS takes another kernel for one row than for several, and several rows'
         # results can depend on the row count: products of exactly two rows (a lone row is
         # doubled) give every row the same arithmetic whatever else is in the batch.
@@ -252,6 +266,12 @@ def op_patchify(node: Node, x):
     return x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(node.shape)
 
 
+def op_concat(node: Node, *xs):
+    if isinstance(xs[0], CompactWeight) and node.attrs["axis"] == 0:  # a merged q|k|v weight
+        return concat_rows(xs)
+    return torch.cat(xs, dim=node.attrs["axis"])
+
+
 def op_scatter_rows(node: Node, base, index, src):
     out = base.clone()
     out[index] = src.to(out.dtype)
@@ -276,7 +296,7 @@ OPS = {
     "embedding": lambda n, ids, table: table[ids],
     "scatter_rows": op_scatter_rows,
     "reshape": lambda n, x: x.reshape(n.shape),
-    "concat": lambda n, *xs: torch.cat(xs, dim=n.attrs["axis"]),
+    "concat": op_concat,
     "slice": lambda n, x: x.narrow(n.attrs["axis"], n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
     "pixel_shuffle": op_pixel_shuffle,
     "patchify": op_patchify,
@@ -309,6 +329,11 @@ class TorchBackend:
         if dtype == "u32":
             return t.to(self.device, torch.int64)
         return t.to(self.device, self.dtype)
+
+    def weight(self, source, form: str) -> CompactWeight:
+        if self.device.type != "cpu":
+            raise ValueError(f"{form} weights run on the CPU only (this backend runs on {self.device})")
+        return make_weight(source, form)
 
     @property
     def can_capture(self) -> bool:

@@ -25,6 +25,7 @@ A step's logits stay valid until the next step; vision features are copies.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class ModelRunner:
         self.records = self.backend.can_capture
         self._sessions: dict[tuple, Session] = {}
         self._packed: dict[Session, object] = {}  # a text session's packed index inputs
+        self.weight_form, self.weight_form_reason = "none", "no weights loaded"  # set by load_weights
 
     # ---- weights ----------------------------------------------------------------------
     def expected_parameters(self) -> dict:
@@ -91,11 +93,73 @@ class ModelRunner:
         return g.parameters
 
     def load_weights(self, tensors: Mapping, source: str = "checkpoint", progress=None) -> None:
+        """The checkpoint's tensors into the store; the text decoder's product weights in the
+        compact forms `weight_forms` picks, read from a GGUF's blocks directly where the form
+        holds them exactly."""
         expected = self.expected_parameters()
         check_tensors({n: (t.shape, "float") for n, t in expected.items()}, tensors, source)
+        forms = self.weight_forms(tensors)
+        if forms:
+            from ..backends.cpu_weights import fits, reads_blocks
+            forms = {n: f for n, f in forms.items() if fits(f, expected[n].shape)}
+        stored = getattr(tensors, "stored", None)
         names = progress(list(expected)) if progress else expected
         for name in names:
-            self.store.set_parameter(name, tensors[name], reload=lambda name=name: tensors[name])
+            form = forms.get(name)
+            if form and stored and reads_blocks(stored(name), form):
+                read = lambda name=name: tensors.blocks(name)  # noqa: E731
+            else:
+                read = lambda name=name: tensors[name]  # noqa: E731
+            self.store.set_parameter(name, read(), reload=read, form=form)
+            if form and name in self._lookup_tables:  # a tied head: rows are looked up too
+                self.store.parameters[name].lookups = True
+        counts = {f: sum(1 for g in forms.values() if g == f) for f in sorted(set(forms.values()))}
+        self.weight_form = max(counts, key=counts.get) if counts else "none"
+        if len(counts) > 1:
+            self.weight_form_reason += "; " + ", ".join(f"{n} weights {f}" for f, n in counts.items())
+
+    @functools.cached_property
+    def _product_weights(self) -> tuple[set[str], str]:
+        """The text decoder's parameters that are the weight of a product (linear), and the
+        lm_head's (the embedding table when tied)."""
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        linears = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "parameter"]
+        head = next(n.inputs[1].name for n in linears if n.attrs["float_out"])
+        return {n.inputs[1].name for n in linears}, head
+
+    @functools.cached_property
+    def _lookup_tables(self) -> set[str]:
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        return {n.inputs[1].name for n in g.nodes if n.op == "embedding" and n.inputs[1].op == "parameter"}
+
+    def weight_forms(self, tensors: Mapping) -> dict[str, str]:
+        """name -> compact form of each product weight kept compact. `options.quantize`:
+        "int8" all of them; "int4" all but the lm_head, which stays int8 (as llama.cpp's 4-bit
+        files keep theirs at 6-8 bits: 4-bit logits cost ~10x the KL divergence); "auto", on
+        the torch CPU backend, each tensor's own precision (GGUF Q4_x -> int4, Q5_x..Q8_0 ->
+        int8, float -> none: float32 products measured faster than bf16 ones here)."""
+        asked = self.options.quantize
+        weights, head = self._product_weights
+        if asked in ("int8", "int4"):
+            self.weight_form_reason = "asked for" + ("; the lm_head int8" if asked == "int4" else "")
+            return {n: "int8" if n == head else asked for n in weights}
+        if asked == "none":
+            self.weight_form_reason = "asked for"
+            return {}
+        if self.options.backend != "torch" or not self.options.device.startswith("cpu"):
+            self.weight_form_reason = f"compact forms run on the CPU ({self.options.backend} on {self.options.device})"
+            return {}
+        stored = getattr(tensors, "stored", None)
+        forms = {}
+        for name in weights:
+            bits = re.match(r"I?Q(\d)", stored(name)) if stored else None
+            if bits:
+                forms[name] = "int4" if int(bits.group(1)) <= 4 else "int8"
+        kinds = sorted({stored(n) for n in weights}) if stored else ["unknown types"]
+        self.weight_form_reason = f"auto: the checkpoint's own precision ({', '.join(kinds)})"
+        return forms
 
     # ---- the KV cache -----------------------------------------------------------------
     @property

@@ -48,6 +48,8 @@ class _Entry:
     shape: tuple[int, ...]
     dtype: np.dtype
     load: Callable[[], np.ndarray]
+    stored: str | None = None  # the file's storage type where it is not `dtype` ("Q4_1", "Q8_0", ...)
+    blocks: Callable[[], tuple] | None = None  # the raw quantized blocks, for backends that keep them
 
 
 class LazyTensors(Mapping):
@@ -63,14 +65,26 @@ class LazyTensors(Mapping):
         self._entries: dict[str, _Entry] = {}
         self.source = source
 
-    def add(self, name: str, shape: tuple[int, ...], dtype: Any, load: Callable[[], np.ndarray]) -> None:
+    def add(self, name: str, shape: tuple[int, ...], dtype: Any, load: Callable[[], np.ndarray],
+            stored: str | None = None, blocks: Callable[[], tuple] | None = None) -> None:
         if name in self._entries:
             raise WeightsError(f"{self.source}: tensor {name!r} appears twice")
-        self._entries[name] = _Entry(tuple(int(d) for d in shape), np.dtype(dtype), load)
+        self._entries[name] = _Entry(tuple(int(d) for d in shape), np.dtype(dtype), load, stored, blocks)
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         entry = self._entries[name]
         return entry.shape, entry.dtype
+
+    def stored(self, name: str) -> str:
+        """How the file stores the tensor: a GGUF type name ("Q4_1", "F16") or a numpy dtype name."""
+        entry = self._entries[name]
+        return entry.stored or entry.dtype.name
+
+    def blocks(self, name: str) -> tuple | None:
+        """(type name, uint8 blocks [rows, bytes], shape) of a quantized tensor, rows in the order
+        the model expects; None where the file holds plain numbers."""
+        entry = self._entries[name]
+        return entry.blocks() if entry.blocks else None
 
     def __getitem__(self, name: str) -> np.ndarray:
         entry = self._entries[name]

@@ -333,6 +333,17 @@ def _tensor_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
     return load
 
 
+def _blocks_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
+    """The tensor's quantized blocks, one row of blocks per weight row (permuted back like the
+    values), for a backend that keeps weights quantized."""
+    def blocks() -> tuple:
+        rows = np.asarray(tensor.data).reshape(shape[0], -1)
+        if n_heads is not None:
+            rows = unpermute_rope_rows(rows, n_heads)
+        return tensor.tensor_type.name, rows, shape
+    return blocks
+
+
 def _reader(path: Path):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
@@ -400,7 +411,8 @@ def load_gguf(path: str | Path) -> Checkpoint:
         elif ".attn_k." in tensor.name:
             n_heads = config["num_key_value_heads"]
         dtype = _PLAIN[qname][0] if qname in _PLAIN and not _PLAIN[qname][1] else np.float32
-        tensors.add(hf_name, shape, dtype, _tensor_loader(tensor, shape, n_heads))
+        blocks = _blocks_loader(tensor, shape, n_heads) if qname not in _PLAIN and len(shape) == 2 else None
+        tensors.add(hf_name, shape, dtype, _tensor_loader(tensor, shape, n_heads), stored=qname, blocks=blocks)
 
     tokenizer = None
     if meta.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.tokens" in meta:

@@ -117,7 +117,7 @@ def add_safetensors_file(path: Path, tensors: LazyTensors, only: set[str] | None
                 raw = np.frombuffer(buf, dtype=stored, count=count, offset=offset).reshape(shape)
             return _bf16_to_f32(raw) if tag == "BF16" else raw
 
-        tensors.add(name, shape, np.float32 if tag == "BF16" else stored, load)
+        tensors.add(name, shape, np.float32 if tag == "BF16" else stored, load, stored=tag)
         added.append(name)
     return added
 

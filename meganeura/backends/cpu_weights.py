@@ -1,0 +1,218 @@
+"""Weights kept compact on the CPU (4-bit and 8-bit) and the products that read them.
+
+A decode step reads every weight once, so on the CPU its time is the weights' bytes over the
+memory bandwidth: 4-bit weights are an eighth of float32's. The forms:
+
+* `Int4Weight`: w[n, k] = d[n, g] * q[n, k] + m[n, g], q in 0..15, one (d, m) per group of 32
+  along k: GGUF's Q4_1 exactly (Q4_0 is m = -8d). Products run torch's
+  `_weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero with scale = d and
+  zero = m + 8d.
+* `Int8Weight`: w[n, k] = d[n, g] * q[n, k], q in -128..127: GGUF's Q8_0 exactly. Products
+  run the int4 kernel twice, on q's high and low nibbles.
+
+The kernel is fast only with bfloat16 activations (measured: 10-60x slower in float32 or
+float16), so a product rounds its rows to bfloat16, the kernel accumulates in float32 and rounds
+its output to bfloat16; scale and zero are bfloat16 there too. Lookups (an embedding table that
+is also the tied lm_head) dequantize rows exactly, in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUP = 32        # values per scale (GGUF's block size; int4pack's group size)
+_PACK_ROWS = 16   # int4pack needs a multiple of 16 output rows: pad with zero rows
+_PACK_CHUNK = 4096  # rows packed at a time (a multiple of int4pack's 64-row blocks)
+_FORMS = ("int8", "int4")
+# GGUF block layouts read here directly: bytes per block of 32 values
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+class CompactWeight:
+    """A [N, K] weight in a compact form: `product(x)` is x @ w.T, `w[ids]` dequantized rows.
+
+    The form's own numbers are dropped once packed for products, unless `lookups` is set (an
+    embedding table that is also the tied lm_head): the packed form holds them once."""
+
+    shape: tuple[int, int]
+    lookups = False
+
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values the form stands for (tests' reference; lookups use rows of it)."""
+        return self[torch.arange(self.shape[0])]
+
+
+def _pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4pack's weight for 4-bit values [N, K] (0..15) and its [K/32, N, 2] scales and
+    zeros in bf16; N is padded to int4pack's multiple of 16 with zero rows."""
+    n, k = values.shape
+    pad = -n % _PACK_ROWS
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad, k)])
+        scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+    # in chunks of rows (int4pack packs blocks of 64 rows: chunks on those bounds concatenate),
+    # so the int32 values it takes never exist for the whole weight at once
+    chunks = [torch._convert_weight_to_int4pack_for_cpu(values[i:i + _PACK_CHUNK].to(torch.int32), 1)
+              for i in range(0, len(values), _PACK_CHUNK)]
+    weight = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return weight, torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _int4_product(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed[0], GROUP, packed[1])[:, :n]
+
+
+def _per_group(t: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] -> [N, K]: each group's number repeated over its 32 values."""
+    return t.repeat_interleave(GROUP, dim=-1)
+
+
+class Int4Weight(CompactWeight):
+    """codes uint8 [N, K/2] in GGUF's block order (byte j of a block holds values j and j + 16),
+    scales and mins float32 [N, K/32]."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
+        self.codes, self.scales, self.mins = codes, scales, mins
+        self.shape = (codes.shape[0], codes.shape[1] * 2)
+        self._packed = None
+
+    @staticmethod
+    def _values(codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [r, K/2] -> the 4-bit values [r, K] in k order (uint8)."""
+        blocks = codes.reshape(codes.shape[0], -1, GROUP // 2)
+        return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(codes.shape[0], -1)
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        return self._values(self.codes[ids]).float() * _per_group(self.scales[ids]) + _per_group(self.mins[ids])
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Made on first use: parts merged into one product (q|k|v) are concatenated before
+        they are packed (int4pack interleaves rows in blocks of 64)."""
+        if self._packed is None:
+            self._packed = _pack_int4(self._values(self.codes), self.scales, self.mins + 8 * self.scales)
+            if not self.lookups:
+                self.codes = self.scales = self.mins = None
+        return self._packed
+
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return _int4_product(x, self.packed(), self.shape[0]).to(out_dtype)
+
+    def effective(self) -> torch.Tensor:
+        """The float32 weight the product multiplies by: scale and zero rounded to bf16, as
+        packed (tests' reference; before packing, or with lookups)."""
+        scale, zero = (_per_group(t.to(torch.bfloat16).float()) for t in (self.scales, self.mins + 8 * self.scales))
+        return (self._values(self.codes).float() - 8) * scale + zero
+
+
+class Int8Weight(CompactWeight):
+    """values int8 [N, K], scales float32 [N, K/32]: GGUF's Q8_0 exactly.
+
+    Products split each value into its high and low nibbles, q = 16 * (q >> 4) + (q & 15), and
+    run two int4pack products: (h - 8) * 16d + 0 with h = (q >> 4) + 8, and (l - 8) * d + 8d;
+    both scales are powers of two times bf16(d), so the pair multiplies by bf16(d) * q. (torch's
+    `_weight_int8pack_mm` takes one scale per row: a Q8_0 file requantized to it cost 2x the
+    KL divergence, docs/rejected-optimizations.md.)"""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
+        self.values, self.scales = values, scales
+        self.shape = tuple(values.shape)
+        self._packed = None
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        return self.values[ids].float() * _per_group(self.scales[ids])
+
+    def packed(self):
+        if self._packed is None:
+            high, low = (self.values >> 4) + 8, self.values & 15
+            zero = torch.zeros_like(self.scales)
+            self._packed = (_pack_int4(high, 16 * self.scales, zero), _pack_int4(low, self.scales, 8 * self.scales))
+            if not self.lookups:
+                self.values = self.scales = None
+        return self._packed
+
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        high, low = self.packed()
+        n = self.shape[0]
+        return (_int4_product(x, high, n).float() + _int4_product(x, low, n).float()).to(out_dtype)
+
+    def effective(self) -> torch.Tensor:
+        scale = _per_group(self.scales.to(torch.bfloat16).float())
+        return self.values.float() * scale
+
+
+# ---- making the forms ------------------------------------------------------------------------
+
+def quantize_int4(w: torch.Tensor) -> Int4Weight:
+    """Per group of 32 along k: d = (max - min) / 15, m = min, q = round((w - m) / d)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = (hi - lo) / 15
+    q = torch.where(d[..., None] > 0, ((g - lo[..., None]) / d.clamp_min(1e-30)[..., None]).round(), 0)
+    q = q.clamp(0, 15).to(torch.uint8)
+    codes = q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)
+    return Int4Weight(codes.reshape(n, k // 2).contiguous(), d.contiguous(), lo.contiguous())
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per group of 32 along k (Q8_0's form): d = max|w| / 127, q = round(w / d)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    d = g.abs().amax(-1) / 127
+    q = torch.where(d[..., None] > 0, g / d.clamp_min(1e-30)[..., None], 0).round().clamp(-127, 127)
+    return Int8Weight(q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous())
+
+
+def _f16(blocks: np.ndarray, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block [rows, blocks, bytes] as float32."""
+    return torch.from_numpy(np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+
+def from_gguf_blocks(kind: str, data: np.ndarray, shape: tuple[int, int], form: str) -> CompactWeight:
+    """A form read straight from GGUF blocks (uint8 [rows, bytes]), exactly: Q4_0/Q4_1 as
+    int4, Q8_0 as int8; no float32 copy of the whole weight."""
+    n, k = shape
+    blocks = data.reshape(n, k // GROUP, _BLOCK_BYTES[kind])
+    if form == "int4" and kind in ("Q4_0", "Q4_1"):
+        d = _f16(blocks, 0)
+        m = _f16(blocks, 2) if kind == "Q4_1" else -8 * d
+        start = 4 if kind == "Q4_1" else 2
+        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., start:]).reshape(n, k // 2))
+        return Int4Weight(codes, d, m)
+    if form == "int8" and kind == "Q8_0":
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k))
+        return Int8Weight(q, _f16(blocks, 0))
+    raise ValueError(f"no {form} form is read directly from {kind} blocks")
+
+
+def fits(form: str, shape: tuple[int, ...]) -> bool:
+    """Can a weight of this shape take the form? (2-D, rows of whole groups of 32)"""
+    return len(shape) == 2 and shape[1] % GROUP == 0
+
+
+def reads_blocks(kind: str | None, form: str) -> bool:
+    return (form, kind) in {("int4", "Q4_0"), ("int4", "Q4_1"), ("int8", "Q8_0")}
+
+
+def make_weight(source, form: str) -> CompactWeight:
+    """`source`: a float array/tensor [N, K], or (kind, uint8 blocks, shape) from a GGUF file."""
+    if form not in _FORMS:
+        raise ValueError(f"weight form must be one of {', '.join(_FORMS)}, got {form!r}")
+    if isinstance(source, tuple):
+        return from_gguf_blocks(*source, form)
+    w = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source, dtype=np.float32))
+    return quantize_int4(w) if form == "int4" else quantize_int8(w)
+
+
+def concat_rows(parts) -> CompactWeight:
+    """Weights of one form stacked along N (a merged q|k|v or gate|up product)."""
+    first = parts[0]
+    if not all(type(p) is type(first) for p in parts):
+        raise TypeError("cannot merge weights of different forms into one product")
+    if isinstance(first, Int4Weight):
+        return Int4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scales", "mins")))
+    return Int8Weight(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]))

@@ -1,0 +1,114 @@
+"""Compact CPU weight forms (backends/cpu_weights.py): each product against a float32 product of
+the very weights the form multiplies by, GGUF blocks read exactly, the form a checkpoint gets."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from meganeura.backends.cpu_weights import (Int4Weight, Int8Weight, concat_rows, from_gguf_blocks, make_weight)
+
+SHAPES = [(64, 96), (300, 64), (192, 576)]  # 300 rows: int4pack's multiple of 16 is padded
+
+
+def _weight(shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05)
+
+
+def _rows(k, n=2, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32))
+
+
+def _reference(x, w_effective):
+    """What the kernels compute: bf16 rows times the form's weight, accumulated in float32, out in bf16."""
+    return (x.bfloat16().double() @ w_effective.double().T).float()
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_product_matches_float_product_of_its_weights(form, shape):
+    w = make_weight(_weight(shape), form)
+    x = _rows(shape[1])
+    ref = _reference(x, w.effective())  # (packing for products drops the form's own numbers)
+    out = w.product(x, torch.float32)
+    # the output is rounded to bfloat16 (int8: two outputs, each rounded), plus float32
+    # accumulation order
+    assert out.shape == (2, shape[0])
+    assert (out - ref).abs().max() <= 2**-7 * ref.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("form,steps", [("int4", 15), ("int8", 254)])
+def test_quantizing_floats_errs_at_most_half_a_step(form, steps):
+    """A group's 32 values span `steps` steps: max - min over 15 (int4), 2 max|w| over 254 (int8)."""
+    w = _weight((64, 128))
+    q = make_weight(w, form)
+    g = w.reshape(64, 4, 32)
+    span = g.amax(-1) - g.amin(-1) if form == "int4" else 2 * g.abs().amax(-1)
+    step = (span / steps).repeat_interleave(32, 1)
+    assert ((q.dequantize() - w).abs() <= step / 2 * 1.0001 + 1e-9).all()
+    # the values the product multiplies by: scale and zero rounded to bfloat16 (2^-8 relative)
+    assert (q.effective() - q.dequantize()).abs().max() <= 2**-8 * w.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_4bit_blocks_are_read_exactly(kind):
+    qtype = GGMLQuantizationType[kind]
+    w = _weight((64, 128)).numpy()
+    blocks = quantize(w, qtype)
+    exact = dequantize(blocks, qtype).reshape(64, 128)
+    weight = from_gguf_blocks(kind, blocks.reshape(64, -1), (64, 128), "int4")
+    assert isinstance(weight, Int4Weight)
+    assert torch.equal(weight.dequantize(), torch.from_numpy(exact))  # lookups: the file's values
+    assert torch.equal(weight[torch.tensor([3, 7])], torch.from_numpy(exact[[3, 7]]))
+    # products: scale d and zero m + 8d in bfloat16; the gap to the file's values is stated as
+    # at most 2^-8 of each group's largest |d * q| plus |m + 8d|
+    x = _rows(128)
+    effective, scales = weight.effective(), weight.scales
+    assert (effective - torch.from_numpy(exact)).abs().max() <= 2**-8 * 16 * scales.abs().max()
+    out = weight.product(x, torch.float32)
+    assert (out - _reference(x, effective)).abs().max() <= 2**-8 * out.abs().max() + 1e-5
+
+
+def test_gguf_q8_0_blocks_are_read_exactly():
+    w = _weight((64, 128)).numpy()
+    blocks = quantize(w, GGMLQuantizationType.Q8_0)
+    exact = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q8_0).reshape(64, 128))
+    weight = from_gguf_blocks("Q8_0", blocks.reshape(64, -1), (64, 128), "int8")
+    assert isinstance(weight, Int8Weight)
+    assert torch.equal(weight.dequantize(), exact)
+    # products: the two nibble products multiply by bf16(d) * q, each output rounded to bf16
+    x = _rows(128)
+    effective = weight.effective()
+    assert (effective - exact).abs().max() <= 2**-8 * exact.abs().max()  # bf16: 8 significant bits
+    out = weight.product(x, torch.float32)
+    assert (out - _reference(x, effective)).abs().max() <= 2**-7 * out.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_merged_weights_equal_the_parts(form):
+    parts = [make_weight(_weight((n, 64), seed=n), form) for n in (64, 32, 32)]
+    merged = concat_rows(parts)
+    x = _rows(64)
+    out = merged.product(x, torch.float32)
+    assert torch.equal(out, torch.cat([p.product(x, torch.float32) for p in parts], dim=1))
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_a_rows_result_does_not_depend_on_the_row_count(form):
+    """Decode graphs are batch invariant: compact products run all rows at once (no pairs) because
+    each row's result has the same bits whatever else is in the batch."""
+    w = make_weight(_weight((192, 576)), form)
+    x = _rows(576, n=40)
+    alone = torch.cat([w.product(x[i:i + 1], torch.float32) for i in range(40)])
+    for m in (2, 3, 8, 17, 40):
+        assert torch.equal(w.product(x[:m], torch.float32), alone[:m])
+
+
+def test_packing_drops_the_forms_numbers_unless_rows_are_looked_up():
+    table, plain = (make_weight(_weight((64, 64)), "int4") for _ in range(2))
+    table.lookups = True
+    rows = table[torch.tensor([1, 2])]
+    for w in (table, plain):
+        w.product(_rows(64), torch.float32)
+    assert torch.equal(table[torch.tensor([1, 2])], rows) and plain.codes is None
