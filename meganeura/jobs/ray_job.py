@@ -97,8 +97,8 @@ def ray_rows(items: list[Item], model: str, settings: dict, *, address: str | No
         rows = ray.data.from_items([{"index": it.index, "path": it.path, "prompt": it.prompt} for it in items])
         rows = rows.map_batches(decode_images, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5)
         rows = rows.map_batches(
-            CaptionActor, batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
-            num_gpus=1 if gpus else 0, num_cpus=1,
+            CaptionActor, batch_size=batch_size, batch_format="pyarrow", num_gpus=1 if gpus else 0, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"model": model, "settings": settings, "width": batch_size, "system": system,
                                    "max_frames": max_frames, "device": "cuda" if gpus else "cpu", "dtype": dtype,
                                    "kv_cache_bytes": kv_cache_bytes})
