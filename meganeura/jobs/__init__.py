@@ -62,7 +62,7 @@ def caption(inputs: Any, output: str | Path | None = None, *, model: Any = None,
         rows = ray_rows(pending, model_name, settings,
                         address=None if ray is True else ray, workers=workers, batch_size=batch_size,
                         system=system, max_frames=max_frames, device=device, dtype=dtype,
-                        kv_cache_bytes=kv_cache_bytes, progress=progress)
+                        kv_cache_bytes=kv_cache_bytes)
     else:
         from .local import caption_rows
         pipe = model if isinstance(model, Pipeline) else _load(model, device, dtype, kv_cache_bytes, progress)
@@ -72,7 +72,7 @@ def caption(inputs: Any, output: str | Path | None = None, *, model: Any = None,
 
 def _load(model, device, dtype, kv_cache_bytes, progress):
     import meganeura
-    return meganeura.load(model, device=device, dtype=dtype, progress=progress)
+    return meganeura.load(model, device=device, dtype=dtype, progress=progress, kv_cache_bytes=kv_cache_bytes)
 
 
 def _collect(rows, store: PartStore | None, total: int, done: int, batch_size: int, progress: bool) -> list[dict]:

@@ -74,7 +74,7 @@ class CaptionActor:
 
 def ray_rows(items: list[Item], model: str, settings: dict, *, address: str | None, workers: int | None,
              batch_size: int, system: str | None, max_frames: int | None, device: str, dtype: str,
-             kv_cache_bytes: int | None, progress: bool) -> Iterator[dict]:
+             kv_cache_bytes: int | None) -> Iterator[dict]:
     """Rows for `items` from a Ray cluster (`address`; None starts or joins a local one), as
     they come back."""
     if not items:
@@ -92,8 +92,7 @@ def ray_rows(items: list[Item], model: str, settings: dict, *, address: str | No
         if device.startswith("cuda") and not gpus:
             raise ValueError(f"--device {device}: the Ray cluster has no GPUs")
         actors = workers or gpus or 1
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the job's own bar counts the rows
         rows = ray.data.from_items([{"index": it.index, "path": it.path, "prompt": it.prompt} for it in items])
         rows = rows.map_batches(decode_images, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5)
         rows = rows.map_batches(
@@ -102,7 +101,11 @@ def ray_rows(items: list[Item], model: str, settings: dict, *, address: str | No
             fn_constructor_kwargs={"model": model, "settings": settings, "width": batch_size, "system": system,
                                    "max_frames": max_frames, "device": "cuda" if gpus else "cpu", "dtype": dtype,
                                    "kv_cache_bytes": kv_cache_bytes})
-        yield from rows.iter_rows()
+        try:
+            yield from rows.iter_rows()
+        except ray.exceptions.RayError as e:  # e.g. an actor that could not load the model: its error, not Ray's trace
+            cause = str(e).strip().splitlines()
+            raise ValueError(f"the Ray job failed: {cause[-1] if cause else type(e).__name__}") from None
     finally:
         if joined:
             ray.shutdown()
