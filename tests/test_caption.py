@@ -135,16 +135,17 @@ def test_real_smollm2_answers_a_table_of_prompts(tmp_path):
     assert "Paris" in rows[0]["text"]
 
 
-def _caption_command(tiny, photos, out, *extra) -> list[str]:
+def _caption_command(tiny, photos, out, *extra, batch: int = 2) -> list[str]:
     return [sys.executable, "-m", "meganeura.cli", "caption", str(photos), "--output", str(out), "--model", str(tiny),
-            "--device", "cpu", "--max-new-tokens", str(TOKENS), "--batch-size", "2", *extra]
+            "--device", "cpu", "--max-new-tokens", str(TOKENS), "--batch-size", str(batch), *extra]
 
 
 def _stop_after_parts(command, parts: Path, sig: int, count: int) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while len(list(parts.glob("part-*"))) < count and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
+    assert proc.poll() is None, "the job ended before it could be stopped"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
@@ -152,7 +153,7 @@ def _stop_after_parts(command, parts: Path, sig: int, count: int) -> subprocess.
 
 def test_a_killed_job_restarted_ends_with_every_input_once(tiny, photos, expected, tmp_path):
     out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
-    command = _caption_command(tiny, photos, out)
+    command = _caption_command(tiny, photos, out, batch=1)  # a part per row: many moments to stop it at
     stopped = _stop_after_parts(command, parts, signal.SIGINT, 1)  # Ctrl-C: commits what is done, exits 130
     assert stopped.returncode == 130 and "run the same command to go on" in stopped.stderr, stopped.stderr
     after_ctrl_c = len(list(parts.glob("part-*")))
@@ -161,7 +162,7 @@ def test_a_killed_job_restarted_ends_with_every_input_once(tiny, photos, expecte
     committed = [json.loads(line) for part in parts.glob("part-*.jsonl") for line in part.read_text().splitlines()]
     assert 0 < len(committed) < len(expected) and len({r["index"] for r in committed}) == len(committed)
 
-    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5"), cwd=ROOT, capture_output=True,
+    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5", batch=1), cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert other.returncode == 2 and "holds the parts of another job (its settings differ)" in other.stderr
 

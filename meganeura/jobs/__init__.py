@@ -90,8 +90,10 @@ def _collect(rows, store: PartStore | None, total: int, done: int, batch_size: i
                 continue
             buffer.append(row)
             if len(buffer) >= batch_size or time.monotonic() - last > COMMIT_EVERY_S:
-                store.commit(buffer)
-                buffer, last = [], time.monotonic()
+                # Out of the buffer before the write: a Ctrl-C inside it may lose these rows (they
+                # are redone), never commit them twice.
+                rows_to_commit, buffer, last = buffer, [], time.monotonic()
+                store.commit(rows_to_commit)
     finally:
         rows.close()  # stops the engine (and Ray) before anything else
         bar.close()

@@ -99,7 +99,10 @@ class PartStore:
             raise ValueError(f"{self.folder}: the parts hold {len(rows)} rows for {total} inputs")
         rows = [{k: row[k] for k in COLUMNS} for row in rows]
         _write_atomically(self.output, lambda f: self._write(f, rows))
-        shutil.rmtree(self.folder)
+        finished = self.folder.with_name(self.folder.name + ".merged")  # one rename: no half-removed job
+        shutil.rmtree(finished, ignore_errors=True)
+        os.replace(self.folder, finished)
+        shutil.rmtree(finished)
         return rows
 
     def _write(self, f, rows: list[dict]) -> None:
