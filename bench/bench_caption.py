@@ -170,7 +170,8 @@ def main() -> None:
     same = sum(a == b for a, b in zip(answers["meganeura"], answers["transformers"]))
     ratios = [m / t for m, t in zip(rates["meganeura"], rates["transformers"])]
     for name, values in rates.items():
-        print(f"{name:12s} median {statistics.median(values):8.2f} images/s (range {min(values):.2f}-{max(values):.2f})")
+        low, high = min(values), max(values)
+        print(f"{name:12s} median {statistics.median(values):8.2f} images/s (range {low:.2f}-{high:.2f})")
     print(f"meganeura / transformers: median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
           f"{max(ratios):.2f}x); identical answers {same}/{len(paths)}")
 

@@ -6,7 +6,6 @@ cluster on loopback, two actors) gives the same rows."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -162,8 +161,8 @@ def test_a_killed_job_restarted_ends_with_every_input_once(tiny, photos, expecte
     committed = [json.loads(line) for part in parts.glob("part-*.jsonl") for line in part.read_text().splitlines()]
     assert 0 < len(committed) < len(expected) and len({r["index"] for r in committed}) == len(committed)
 
-    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5", batch=1), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5", batch=1), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "holds the parts of another job (its settings differ)" in other.stderr
 
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

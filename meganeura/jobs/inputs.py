@@ -49,7 +49,8 @@ def list_inputs(source: Any, prompt: str | None = None, prompt_column: str | Non
     text = str(source)
     where = Path(text)
     if where.is_dir():
-        files = sorted(p for p in where.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        media = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+        files = sorted(p for p in where.rglob("*") if p.is_file() and p.suffix.lower() in media)
         if not files:
             raise ValueError(f"{text}: no image or video files in this folder (looked for "
                              f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
@@ -113,7 +114,8 @@ def _from_rows(rows: list[dict], where: str, base: Path | None, prompt: str | No
     columns = set().union(*(r.keys() for r in rows))
     for flag, column in (("--path-column", path_column), ("--prompt-column", prompt_column)):
         if column is not None and column not in columns:
-            raise ValueError(f"{where}: {flag} {column!r} is not a column (columns: {', '.join(sorted(map(str, columns)))})")
+            names = ", ".join(sorted(map(str, columns)))
+            raise ValueError(f"{where}: {flag} {column!r} is not a column (columns: {names})")
     path_column = path_column or "path"  # the default column may be absent: every row is then text only
     items = []
     for i, row in enumerate(rows):
