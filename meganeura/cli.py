@@ -252,12 +252,13 @@ def cmd_caption(args) -> None:
         print(f"interrupted: the finished rows are committed in {args.output}.parts; run the same command to go on",
               file=sys.stderr)
         raise
-    if args.verbose:  # every row, in input order: path, then the answer or the error
-        for row in rows:
-            print(f"{row['path']}\t{row['text'] if row['error'] is None else 'error: ' + row['error']}")
+    seconds = time.perf_counter() - start
     errors = sum(row["error"] is not None for row in rows)
-    print(f"wrote {len(rows)} rows to {args.output} ({errors} with errors) in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)
+    print(f"wrote {len(rows)} rows to {args.output} ({errors} with errors) in {seconds:.1f} s", file=sys.stderr)
+    if args.verbose:
+        tokens = [sum(row[k] or 0 for row in rows) for k in ("prompt_tokens", "completion_tokens")]
+        print(f"prompts: {tokens[0]} tokens; answers: {tokens[1]} tokens ({tokens[1] / seconds:.1f} tok/s over the "
+              "whole run, resumed rows included)", file=sys.stderr)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
