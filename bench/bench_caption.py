@@ -166,12 +166,12 @@ def main() -> None:
             answers[name] = (run_meganeura(pipe, paths, args.batch) if name == "meganeura"
                              else run_transformers(hf, pipe, paths, args.batch, args.device, dtype))
             rates[name].append(len(paths) / (time.perf_counter() - t))
-            print(f"round {r + 1}: {name:12s} {rates[name][-1]:8.2f} images/s", flush=True)
+            print(f"round {r + 1}: {name:12s} {rates[name][-1]:8.3g} images/s", flush=True)
     same = sum(a == b for a, b in zip(answers["meganeura"], answers["transformers"]))
     ratios = [m / t for m, t in zip(rates["meganeura"], rates["transformers"])]
     for name, values in rates.items():
         low, high = min(values), max(values)
-        print(f"{name:12s} median {statistics.median(values):8.2f} images/s (range {low:.2f}-{high:.2f})")
+        print(f"{name:12s} median {statistics.median(values):8.3g} images/s (range {low:.3g}-{high:.3g})")
     print(f"meganeura / transformers: median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
           f"{max(ratios):.2f}x); identical answers {same}/{len(paths)}")
 
