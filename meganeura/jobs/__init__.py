@@ -45,8 +45,10 @@ def caption(inputs: Any, output: str | Path | None = None, *, model: Any = None,
         raise ValueError("workers (--workers) sets the number of Ray actors: it needs ray (--ray)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    cfg = GenerationConfig(**{**sampling, "stop": tuple(sampling.get("stop", ()))})  # bad settings fail first
-    compile_options(device, dtype)
+    stop = sampling.get("stop", ())
+    cfg = GenerationConfig(**{**sampling, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})  # fail first
+    if not ray:  # a Ray driver may have no GPU where its workers do
+        compile_options(device, dtype)
     model = DEFAULT_MODEL if model is None else model
     model_name = model.checkpoint.source if isinstance(model, Pipeline) else str(model)
     items = list_inputs(inputs, prompt, prompt_column, path_column)
