@@ -10,8 +10,11 @@ def __getattr__(name):
     if name in ("load", "Pipeline"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name == "caption":
+        from .jobs import caption
+        return caption
     raise AttributeError(f"module 'meganeura' has no attribute {name!r}")
 
 
-__all__ = ["load", "Pipeline", "Graph", "GraphError", "Node", "TensorType", "CompileOptions", "Session", "SessionError",
+__all__ = ["load", "Pipeline", "caption", "Graph", "GraphError", "Node", "TensorType", "CompileOptions", "Session", "SessionError",
            "Store", "build_inference_session"]

@@ -1,4 +1,4 @@
-"""Command line: `meganeura run | chat | inspect | serve`. Answers go to stdout, diagnostics to stderr.
+"""Command line: `meganeura run | chat | inspect | serve | caption`. Answers go to stdout, diagnostics to stderr.
 
 Every failure the user can fix (a bad flag, file, checkpoint or device) is one `error:` line on
 stderr and exit status 2; arguments and files are checked before the model loads.
@@ -239,6 +239,31 @@ def cmd_serve(args) -> None:
     serve(_load(args), config)
 
 
+def cmd_caption(args) -> None:
+    import time
+
+    from .jobs import caption
+    settings = _settings(args)
+    start = time.perf_counter()
+    try:
+        rows = caption(args.input, args.output, model=args.model, prompt=args.prompt, prompt_column=args.prompt_column,
+                       path_column=args.path_column, system=args.system, max_frames=args.max_frames,
+                       batch_size=args.batch_size, ray=args.ray, workers=args.workers, device=args.device,
+                       dtype=args.dtype, overwrite=args.overwrite,
+                       kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, **settings)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished rows are committed in {args.output}.parts; run the same command to go on",
+              file=sys.stderr)
+        raise
+    seconds = time.perf_counter() - start
+    errors = sum(row["error"] is not None for row in rows)
+    print(f"wrote {len(rows)} rows to {args.output} ({errors} with errors) in {seconds:.1f} s", file=sys.stderr)
+    if args.verbose:
+        tokens = [sum(row[k] or 0 for row in rows) for k in ("prompt_tokens", "completion_tokens")]
+        print(f"prompts: {tokens[0]} tokens; answers: {tokens[1]} tokens ({tokens[1] / seconds:.1f} tok/s over the "
+              "whole run, resumed rows included)", file=sys.stderr)
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 def _version() -> str:
@@ -324,6 +349,27 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds an idle connection stays open (default: %(default)s)")
     srv.add_argument("--max-connections", type=_positive, default=1024,
                      help="open connections; more are closed on arrival (default: %(default)s)")
+    cap = command("caption", cmd_caption, "answer a prompt about every image or video in a folder, glob or "
+                  "table, resumably (a batch job)")
+    generation(cap)
+    cap.add_argument("input", help="a folder (images and videos, recursively), a glob, or a .jsonl/.csv/.parquet "
+                                   "table with a path column")
+    cap.add_argument("--output", required=True, metavar="OUT",
+                     help="a .parquet or .jsonl file; rows are committed in OUT.parts as they finish, and the same "
+                          "command resumes a job that was killed")
+    which = cap.add_mutually_exclusive_group()
+    which.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="asked about every input (default: \"Describe this image in one sentence.\")")
+    which.add_argument("--prompt-column", default=None, metavar="NAME", help="a table column holding each row's prompt")
+    cap.add_argument("--path-column", default=None, metavar="NAME",
+                     help="the table column of file paths (default: path; an empty cell is a text-only prompt)")
+    cap.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+                     help="sequences generated together, and rows per committed part (default: %(default)s)")
+    cap.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                     help="run on Ray Data: a local Ray, or the cluster at ADDRESS (needs meganeura[ray])")
+    cap.add_argument("--workers", type=_positive, default=None, metavar="N",
+                     help="with --ray: engine actors (default: one per GPU, else one)")
+    cap.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     return parser
 
 
