@@ -8,7 +8,9 @@ A sampler turns one step's float32 logits into tokens, one row per sequence:
   input, a `token_buffer(rows)` whose row a `put` sets from the host) and returns a handle
   whose `result()` waits for their copy to the host.
 Each sampler keeps the random state of the sequences it has seen (seeded from their settings),
-so a seeded answer is reproducible.
+so a seeded answer is reproducible, and the grammar state of the constrained ones (`Grammars`,
+engine/grammar.py): their logits outside the grammar's mask are -inf before the choice, and
+the chosen token moves their grammar on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .grammar import Constraint, mask_words, unpack
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0                # 1 = off
     repetition_penalty: float = 1.0   # 1 = off; > 1 discourages tokens already in the prompt or answer
     seed: int | None = None
+    constraint: Constraint | None = None  # the answer must match it (engine/grammar.py); None: free text
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -45,6 +50,8 @@ class SamplingParams:
             ("seed", self.seed, self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)")) if not ok]
         if problems:
             raise ValueError("invalid sampling settings: " + ", ".join(problems))
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be an engine.grammar.Constraint, got {type(self.constraint).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +61,12 @@ class SamplingParams:
     def penalizes(self) -> bool:
         """A repetition penalty needs every token so far on the host before each choice."""
         return self.repetition_penalty != 1.0
+
+    @property
+    def host_paced(self) -> bool:
+        """Each choice needs the previous token on the host (a penalty's history, a grammar's
+        state): such a sequence's steps cannot run ahead of the host."""
+        return self.penalizes or self.constraint is not None
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
@@ -84,6 +97,34 @@ def history(seq) -> list[int]:
     return list(seq.prompt.token_ids) + seq.tokens
 
 
+class Grammars:
+    """The grammar state of each constrained sequence a sampler has seen (kept with the
+    sequence's lifetime), and the masks of a step's rows."""
+
+    def __init__(self) -> None:
+        self._matchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def masks(self, rows, vocab: int) -> tuple[list[int], np.ndarray] | None:
+        """(indices of the constrained rows, their bitmasks int32 [n, words]); None when no row
+        is constrained. rows[i]: a sequence or None (a dummy row)."""
+        constrained = [i for i, seq in enumerate(rows) if seq is not None and seq.cfg.constraint is not None]
+        if not constrained:
+            return None
+        masks = np.zeros((len(constrained), mask_words(vocab)), np.int32)
+        for row, i in zip(masks, constrained):
+            seq = rows[i]
+            matcher = self._matchers.get(seq)
+            if matcher is None:
+                matcher = self._matchers[seq] = seq.cfg.constraint.matcher()
+            matcher.fill_mask(row)
+        return constrained, masks
+
+    def advance(self, rows, tokens) -> None:
+        for seq, token in zip(rows, tokens):
+            if seq is not None and seq.cfg.constraint is not None:
+                self._matchers[seq].advance(int(token))
+
+
 class HostSampler:
     """Tokens chosen on the host with `sample`: the CPU's sampler, and the reference."""
 
@@ -92,6 +133,7 @@ class HostSampler:
     def __init__(self, backend) -> None:
         self.backend = backend
         self._rngs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.grammars = Grammars()
 
     def rng(self, seq) -> np.random.Generator:
         gen = self._rngs.get(seq)
@@ -100,6 +142,13 @@ class HostSampler:
         return gen
 
     def choose(self, logits, sequences) -> list[int]:
+        masks = self.grammars.masks(sequences, logits.shape[-1])
         host = self.backend.to_host(logits)
-        return [sample(x, seq.cfg, self.rng(seq), history(seq) if seq.cfg.penalizes else ())
-                for seq, x in zip(sequences, host)]
+        if masks is not None:
+            rows, bits = masks
+            host = host.copy()  # the backend's logits may be its own buffer
+            host[rows] = np.where(unpack(bits, host.shape[1]), host[rows], -np.inf)
+        tokens = [sample(x, seq.cfg, self.rng(seq), history(seq) if seq.cfg.penalizes else ())
+                  for seq, x in zip(sequences, host)]
+        self.grammars.advance(sequences, tokens)
+        return tokens
