@@ -22,7 +22,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..engine.sampler import Grammars, history
+from ..engine.sampler import Grammars, Logprobs, history
 
 
 def samples(seq) -> bool:
@@ -59,6 +59,7 @@ class DeviceSampler:
         self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._buffers: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
         self.grammars = Grammars()
+        self.logprobs = Logprobs()
         self._bits: dict[torch.device, torch.Tensor] = {}
 
     def generator(self, seq, device: torch.device) -> torch.Generator:
@@ -92,9 +93,14 @@ class DeviceSampler:
     def choose(self, logits: torch.Tensor, sequences) -> list[int]:
         """logits [rows, vocab] (one row per sequence, in order) -> the next token of each."""
         masks = self.grammars.masks(sequences, logits.shape[1])  # on the host, while the device computes logits
-        if masks is None and all(s.cfg.greedy and not s.cfg.penalizes for s in sequences):
+        wanted = self.logprobs.wanted(sequences)
+        if masks is None and not wanted and all(s.cfg.greedy and not s.cfg.penalizes for s in sequences):
             return logits.argmax(-1).tolist()
         x = logits.float()
+        if wanted:  # of the raw logits, before anything below changes them
+            lp = x[wanted].log_softmax(-1)
+            k = max(sequences[i].cfg.logprobs for i in wanted)
+            top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
         if masks is not None:
             if x is logits:  # not the runner's buffer: masking writes in place
                 x = x.clone()
@@ -108,6 +114,12 @@ class DeviceSampler:
         setting = torch.from_numpy(settings(sequences, x.shape[1])).to(x.device)
         tokens = self.pick(x, setting, sequences).tolist()
         self.grammars.advance(sequences, tokens)
+        if wanted:
+            chosen = lp.gather(1, torch.tensor([tokens[i] for i in wanted], device=lp.device)[:, None])[:, 0]
+            for i, value, ids, values in zip(wanted, chosen.tolist(), top_ids.tolist(), top_values.tolist()):
+                k = sequences[i].cfg.logprobs
+                self.logprobs.record(sequences[i], tokens[i], {tokens[i]: value, **dict(zip(ids[:k], values[:k]))},
+                                     ids[:k])
         return tokens
 
     def unpack(self, bits: np.ndarray, vocab: int, device: torch.device) -> torch.Tensor:

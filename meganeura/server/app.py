@@ -27,7 +27,8 @@ from .fetch import FetchBusy, RemoteFetcher
 from .media import MediaError, MediaPolicy, is_remote
 from .memory import TrimAfterBigBodies
 from .metrics import CONTENT_TYPE, Metrics
-from .schema import ChatRequest, ImagePart, chunk, completion, error_body, new_id, parse_request, usage
+from .schema import (ChatRequest, ImagePart, chunk, completion, error_body, new_id, parse_request, token_logprobs,
+                     usage)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
@@ -184,7 +185,20 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
 
-    def prepare(req: ChatRequest, fetched: dict[str, bytes]) -> tuple[object, GenerationConfig]:
+    def constrain(req: ChatRequest):
+        """The request's grammar, checked (a bad schema or regex is a 400 naming it)."""
+        asked = req.constraint_fields()
+        if len(asked) > 1:
+            raise ApiError(400, f"give one of {', '.join(asked)}, not several", code="invalid_request")
+        for name, (arg, value) in asked.items():
+            try:
+                return pipe.constraint(**{arg: value})
+            except ValueError as e:
+                where = "" if str(e).startswith(name) else f"{name}: "
+                raise ApiError(400, f"{where}{e}", code="invalid_response_format") from None
+        return None
+
+    def prepare(req: ChatRequest, fetched: dict[str, bytes], grammar) -> tuple[object, GenerationConfig]:
         """Images decoded and the prompt tokenized (in a worker thread: both are slow)."""
         messages, seen = [], 0
         for m in req.messages:
@@ -209,16 +223,23 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             asked = f" + {limit} for the answer (max_tokens)" if limit else ""
             raise ApiError(400, f"this server's context is {max_context} tokens per request; the messages take "
                                 f"{n}{asked}", code="context_length_exceeded")
-        return enc, req.sampling(limit or room)
+        return enc, req.sampling(limit or room, grammar)
 
     # ---- running a job ----------------------------------------------------------------
+    def logprobs(entries) -> dict:
+        return token_logprobs(entries, lambda token: pipe.tokenizer.decode([token], skip_special_tokens=False))
+
     async def answer(job: Job):
-        """Text pieces, then the GenerationResult; an engine failure raises ApiError(500)."""
+        """Text pieces (and lists of TokenLogprob when asked), then the GenerationResult; an
+        engine failure raises ApiError(500)."""
         first = None
         while True:
             kind, value = await job.next_event()
             if kind == "error":
                 raise ApiError(500, value, type_="server_error")
+            if kind == "logprobs":
+                yield value
+                continue
             if kind == "text":
                 first = first or time.perf_counter()
                 yield value
@@ -232,15 +253,19 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     async def stream(job: Job, id_: str, include_usage: bool):
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-        ended = False
+        ended, tokens = False, []  # tokens: log-probabilities waiting for the text they make
         try:
             yield event(chunk(id_, model, {"role": "assistant", "content": ""}))
             async for item in answer(job):
+                if isinstance(item, list):
+                    tokens += item
+                    continue
                 if isinstance(item, str):
-                    yield event(chunk(id_, model, {"content": item}))
+                    yield event(chunk(id_, model, {"content": item}, logprobs=logprobs(tokens) if tokens else None))
+                    tokens = []
                     continue
                 ended = True
-                yield event(chunk(id_, model, {}, item.finish_reason))
+                yield event(chunk(id_, model, {}, item.finish_reason, logprobs=logprobs(tokens) if tokens else None))
                 if include_usage:
                     yield event(chunk(id_, model, usage_=usage(item.prompt_tokens, len(item.token_ids))))
         except ApiError as e:
@@ -253,9 +278,13 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     async def complete(request: Request, job: Job, id_: str):
+        tokens = []
+
         async def result():
             async for item in answer(job):
-                if not isinstance(item, str):
+                if isinstance(item, list):
+                    tokens.extend(item)
+                elif not isinstance(item, str):
                     return item
         waiter, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(request))
         try:
@@ -269,14 +298,16 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         if not waiter.done() or waiter.cancelled():
             return Response(status_code=499)  # nobody reads it
         res = waiter.result()  # raises ApiError on an engine failure
-        return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids))
+        return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
+                          logprobs(tokens) if job.cfg.logprobs is not None else None)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         req = await run_in_threadpool(read, body)
-        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req))
+        grammar = await run_in_threadpool(constrain, req)  # a bad schema is refused before any fetch
+        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
         job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
         try:
             engine.submit(job)

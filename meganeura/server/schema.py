@@ -11,6 +11,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, field_validator)
 from pydantic_core import PydanticCustomError
 
+from ..engine.sampler import MAX_TOP_LOGPROBS
 from ..generate import GenerationConfig
 
 PART_TYPES = ("text", "image_url")
@@ -90,6 +91,13 @@ class ChatRequest(_Model):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(None, ge=1, le=1)   # one choice per request
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # constrained answers (engine/grammar.py checks them): OpenAI's field, and vLLM's extras
+    response_format: dict | None = None
+    guided_json: dict | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -103,15 +111,30 @@ class ChatRequest(_Model):
             raise PydanticCustomError("empty", "stop strings must not be empty")
         return v
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
+        return v
+
     @property
     def answer_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def sampling(self, max_new_tokens: int) -> GenerationConfig:
+    def sampling(self, max_new_tokens: int, constraint=None) -> GenerationConfig:
         """The request's settings; those it leaves out are GenerationConfig's defaults."""
         given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                  if getattr(self, k) is not None}
-        return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop), **given)
+        return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop),
+                                constraint=constraint, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                                **given)
+
+    def constraint_fields(self) -> dict:
+        """The constraint asked for, as Pipeline.constraint's arguments by request field."""
+        fields = {"response_format": "response_format", "guided_json": "json_schema", "guided_regex": "regex",
+                  "guided_choice": "choice"}
+        return {name: (arg, getattr(self, name)) for name, arg in fields.items() if getattr(self, name) is not None}
 
     def texts(self):
         """Every text the prompt is made of (for the size bound checked before tokenizing)."""
@@ -173,19 +196,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def token_logprobs(entries, decode) -> dict:
+    """OpenAI's `logprobs` of a choice from the sampler's TokenLogprob entries; decode(id) is a
+    token's text (bytes: its UTF-8, so a token holding part of a character shows U+FFFD)."""
+    def one(token: int, logprob: float) -> dict:
+        text = decode(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]}
+                        for e in entries]}
+
+
 def completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+               completion_tokens: int, logprobs: dict | None = None) -> dict:
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+                         "finish_reason": finish_reason, "logprobs": logprobs}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(id_: str, model: str, delta: dict | None = None, finish_reason: str | None = None,
-          usage_: dict | None = None) -> dict:
+          usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     """One streamed event: a delta, a finish reason, or (with choices empty) the usage."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+                                         "logprobs": logprobs}]
     body = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices}
     if usage_ is not None:
