@@ -107,3 +107,23 @@ def test_choice_and_the_length_cut(pipe):
 def test_bad_schema_is_a_value_error(pipe):
     with pytest.raises(ValueError, match="json_schema is not valid: Invalid type: nope"):
         pipe.generate(PROMPTS[0], json_schema={"type": "nope"})
+
+
+def test_cli_constraints(tmp_path, capsys):
+    from meganeura.cli import main as cli_main
+
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps(SCHEMAS["bounded"]))
+    base = ["run", "--model", "smollm2-135m-instruct", "--device", "cpu", "--max-new-tokens", str(LIMIT)]
+    assert cli_main(base + ["--json-schema", str(schema), "Describe a chef."]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMAS["bounded"])
+    assert cli_main(base + ["--choice", "tea", "--choice", "coffee", "Tea or coffee?"]) == 0
+    assert capsys.readouterr().out.strip() in ("tea", "coffee")
+    schema.write_text('{"type": "nope"}')
+    for flags, says in ((["--json-schema", str(schema)], f"error: {schema}: json_schema is not valid: Invalid type: nope"),
+                        (["--json-schema", str(tmp_path / "missing.json")], "JSON schema file not found"),
+                        (["--regex", "a(b"], "error: --regex: regex is not valid"),
+                        (["--regex", "a", "--choice", "a"], "error: give one of --json-schema, --regex and --choice")):
+        assert cli_main(base + flags + ["hi"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err

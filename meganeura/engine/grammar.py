@@ -146,5 +146,5 @@ def _schema(schema, where: str, kind: str = "json_schema") -> Constraint:
 def _checked(kind: str, grammar: str, where: str) -> Constraint:
     problem = _llguidance().LLMatcher.validate_grammar(grammar)
     if problem and not problem.startswith("WARNING"):
-        raise ValueError(f"{where} is not valid: {problem.strip()}")
+        raise ValueError(f"{where} is not valid: {' '.join(problem.split())}")  # one line: llguidance draws carets
     return Constraint(kind, grammar)
