@@ -1,6 +1,10 @@
 """xgrammar vs llguidance on SmolLM2's tokenizer: tokenizer setup, compile time per schema,
 mask time per token, and whether a walk through random allowed tokens that ends (the end
-token allowed and drawn within MAX_STEPS) gives text that parses and validates. Run: python bench/compare_grammar_libraries.py
+token allowed and drawn within MAX_STEPS) gives text that parses and validates (the numbers
+behind the choice of llguidance, docs/design.md).
+
+    pip install llguidance xgrammar jsonschema   # xgrammar for this comparison only
+    .venv/bin/python bench/compare_grammar_libraries.py
 
 The walk picks, at each step, a random allowed token (a fixed seed, the same walk for both
 libraries is not possible: their masks may differ), so it exercises many grammar states."""
@@ -47,7 +51,7 @@ def run_llguidance(tok, eos: int, vocab: int) -> dict:
     lltok = llguidance.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos)
     setup = time.perf_counter() - t
     compile_s, mask_s, ok, finished = [], [], 0, 0
-    for name, schema in SCHEMAS.items():
+    for schema in SCHEMAS.values():
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         t = time.perf_counter()
         llguidance.LLMatcher(lltok, grammar)
@@ -89,7 +93,7 @@ def run_xgrammar(tok, eos: int, vocab: int) -> dict:
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     setup = time.perf_counter() - t
     compile_s, mask_s, ok, finished = [], [], 0, 0
-    for name, schema in SCHEMAS.items():
+    for schema in SCHEMAS.values():
         t = time.perf_counter()
         compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         compile_s.append(time.perf_counter() - t)
@@ -116,7 +120,7 @@ def run_xgrammar(tok, eos: int, vocab: int) -> dict:
     return {"setup_s": setup, "compile_s": compile_s, "mask_s": mask_s, "valid": ok, "finished": finished}
 
 
-def _valid(text: str, schema: dict) -> bool:  # noqa: D103
+def _valid(text: str, schema: dict) -> bool:
     try:
         jsonschema.validate(json.loads(text), schema)
         return True

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("llguidance")
 torch = pytest.importorskip("torch")
 
+from meganeura.backends.numpy_backend import NumpyBackend  # noqa: E402
 from meganeura.backends.torch_backend import TorchBackend  # noqa: E402
 from meganeura.backends.torch_sampling import DeviceSampler  # noqa: E402
-from meganeura.backends.numpy_backend import NumpyBackend  # noqa: E402
 from meganeura.engine.grammar import constraint, grammar_tokenizer  # noqa: E402
 from meganeura.engine.sampler import HostSampler  # noqa: E402
 from meganeura.generate import GenerationConfig, Prompt  # noqa: E402
@@ -119,9 +119,13 @@ def test_device_and_host_masks_agree_greedily(vocab):
     logits = np.random.default_rng(1).standard_normal((30, n)).astype(np.float32)
     walks = []
     for sampler in (HostSampler(NumpyBackend(CompileOptions(backend="numpy"))), DeviceSampler(TorchBackend(CompileOptions(backend="torch", device="cpu")))):
-        seq, rows = Seq(GenerationConfig(constraint=c)), iter(logits)
-        [tokens] = _walk(sampler, lambda r: next(rows)[None] if isinstance(sampler, HostSampler)
-                         else torch.from_numpy(next(rows)[None].copy()), [seq], 30, eos)
+        rows = iter(logits)
+        on_device = isinstance(sampler, DeviceSampler)
+
+        def logits_of(_, rows=rows, on_device=on_device):
+            row = next(rows)[None].copy()
+            return torch.from_numpy(row) if on_device else row
+        [tokens] = _walk(sampler, logits_of, [Seq(GenerationConfig(constraint=c))], 30, eos)
         walks.append(tokens)
         assert tokens[-1] == eos
     assert walks[0] == walks[1]

@@ -14,7 +14,7 @@ pytest.importorskip("llguidance")
 
 import meganeura  # noqa: E402
 from meganeura.generate import GenerationConfig, Prompt  # noqa: E402
-from test_server_helpers import MODEL, serving, user  # noqa: E402
+from test_server_helpers import MODEL, serving, user
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"},
                                            "rank": {"type": "integer", "minimum": 1, "maximum": 5}},

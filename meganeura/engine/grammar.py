@@ -39,10 +39,10 @@ class Constraint:
     grammar: str = field(repr=False)
     tokenizer: object = field(default=None, compare=False, repr=False)  # an llguidance LLTokenizer
 
-    def bind(self, tokenizer) -> "Constraint":
+    def bind(self, tokenizer) -> Constraint:
         return replace(self, tokenizer=tokenizer)
 
-    def matcher(self) -> "Matcher":
+    def matcher(self) -> Matcher:
         if self.tokenizer is None:
             raise ValueError("this constraint is not bound to a tokenizer (Constraint.bind)")
         return Matcher(_llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0))
