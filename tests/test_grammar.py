@@ -47,6 +47,11 @@ def test_request_shapes(kwargs, kind):
     assert constraint(**kwargs).kind == kind
 
 
+def test_ignore_eos_cannot_go_with_a_constraint():
+    with pytest.raises(ValueError, match="ignore_eos cannot go with a constraint"):
+        GenerationConfig(ignore_eos=True, constraint=constraint(regex="a+"))
+
+
 def test_text_format_and_nothing_are_free():
     assert constraint(response_format={"type": "text"}) is None and constraint() is None
 
@@ -56,6 +61,8 @@ def test_text_format_and_nothing_are_free():
     ({"json_schema": {"$ref": "#/nope"}}, "'/nope' does not exist"),
     ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
     ({"json_schema": [1]}, "must be a JSON schema (an object), got list"),
+    ({"json_schema": {"type": "integer", "minimum": 5, "maximum": 1}}, "Unsatisfiable schema: minimum (5)"),
+    ({"json_schema": False}, "must be a JSON schema (an object), got bool"),
     ({"regex": "a(b"}, "regex is not valid"),
     ({"regex": ""}, "regex must be a non-empty string"),
     ({"choice": []}, "choice must be a list of non-empty strings"),

@@ -137,9 +137,12 @@ def _schema(schema, where: str, kind: str = "json_schema") -> Constraint:
             schema = json.loads(schema)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
+    if not isinstance(schema, dict):
         raise ValueError(f"{where} must be a JSON schema (an object), got {type(schema).__name__}")
-    grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    try:
+        grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid: {e}") from None
     return _checked(kind, grammar, where)
 
 
