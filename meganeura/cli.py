@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from .engine.grammar import constraint
 from .generate import GenerationConfig
 from .pipeline import DEFAULT_MODEL, DEVICES, DTYPES, QUANTIZE, compile_options
 
@@ -73,7 +75,30 @@ def _settings(args) -> dict:
                 "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
                 "stop": tuple(args.stop)}
     GenerationConfig(**settings)
-    return settings
+    return settings | _constraint(args)
+
+
+def _constraint(args) -> dict:
+    """--json-schema FILE, --regex or --choice as pipeline settings, checked before the model loads."""
+    asked = {}
+    if args.json_schema is not None:
+        _check_file("JSON schema", args.json_schema)
+        try:
+            asked["json_schema"] = json.loads(Path(args.json_schema).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{args.json_schema}: not valid JSON ({e})") from None
+    if args.regex is not None:
+        asked["regex"] = args.regex
+    if args.choice:
+        asked["choice"] = list(args.choice)
+    if len(asked) > 1:
+        raise ValueError("give one of --json-schema, --regex and --choice")
+    try:
+        constraint(**asked)
+    except ValueError as e:
+        flag = {"json_schema": args.json_schema, "regex": "--regex", "choice": "--choice"}
+        raise ValueError(f"{flag[next(iter(asked))]}: {e}") from None
+    return asked
 
 
 def _check_file(kind: str, path: str) -> None:
@@ -313,6 +338,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="sample at most this many frames per video (default: the checkpoint's, 64 for SmolVLM2)")
         p.add_argument("-v", "--verbose", action="store_true",
                        help="print token counts and speeds (prefill and decode tok/s) to stderr")
+        p.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="answers are JSON matching the schema in FILE (needs meganeura[structured])")
+        p.add_argument("--regex", default=None, metavar="RE", help="answers match this regular expression")
+        p.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                       help="the answer is one of these strings (repeatable)")
 
     run = command("run", cmd_run, "answer one prompt, streaming")
     generation(run)

@@ -28,6 +28,8 @@ class GenerationConfig(SamplingParams):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.ignore_eos and self.constraint is not None:
+            raise ValueError("ignore_eos cannot go with a constraint: the grammar decides where the answer ends")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Generator, Mapping
 
 import numpy as np
 
+from .engine.grammar import Constraint, constraint, grammar_tokenizer
 from .engine.kv_cache import CacheLayout
 from .engine.runner import ModelRunner, ModelSpec
 from .engine.scheduler import Scheduler
@@ -37,6 +38,7 @@ from .session import CompileOptions
 from .weights import Checkpoint, load_checkpoint, shape_and_dtype
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+CONSTRAINT_KEYS = ("response_format", "json_schema", "regex", "choice")  # generate/stream settings (engine/grammar.py)
 
 
 def model_spec(config: dict, tensors: Mapping | None = None, where: str = "config.json") -> ModelSpec:
@@ -321,9 +323,23 @@ class Pipeline:
         finally:
             cache.release(slot)
 
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        """The vocabulary as llguidance sees it (built on the first constrained request)."""
+        return grammar_tokenizer(self.tokenizer, self.spec.text.vocab_size, self.eos_ids)
+
+    def constraint(self, response_format=None, json_schema=None, regex=None, choice=None) -> Constraint | None:
+        """A request's constraint (engine/grammar.py's `constraint`), ready for this model."""
+        found = constraint(response_format, json_schema, regex, choice)
+        return found.bind(self.grammar_tokenizer) if found is not None else None
+
     def _start(self, conversations, settings: dict):
         stop = settings.get("stop", ())
-        cfg = GenerationConfig(**{**settings, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
+        settings = {**settings, "stop": (stop,) if isinstance(stop, str) else tuple(stop)}
+        asked = {k: settings.pop(k) for k in CONSTRAINT_KEYS if k in settings}
+        if asked:
+            settings["constraint"] = self.constraint(**asked)
+        cfg = GenerationConfig(**settings)
         encoded = [self.encode(c) for c in conversations]
         room = self.runner.max_seq - max(len(e.input_ids) for e in encoded)
         if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
@@ -340,7 +356,11 @@ class Pipeline:
         return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler)
 
     def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
-        """Generate for one conversation, or for a list of conversations as one batch."""
+        """Generate for one conversation, or for a list of conversations as one batch.
+
+        settings: GenerationConfig's (max_new_tokens, temperature, stop, ...) and one constraint:
+        response_format (OpenAI's shape), json_schema, regex or choice (engine/grammar.py). A
+        constrained answer cut by max_new_tokens ends with finish_reason "length" and may not parse."""
         batch = _is_batch(messages)
         conversations = messages if batch else [messages]
         gen = self._start(conversations, settings)

@@ -69,3 +69,28 @@ def test_top_k_keeps_every_token_tied_with_the_kth_and_top_p_one_cuts_nothing():
     tail = Seq(GenerationConfig(temperature=1.0, top_p=1.0, seed=2))
     flat = torch.zeros(1, 50, device=DEVICE)  # float32 cumsum may reach 1 early: top_p=1 must not cut
     assert len({choose(flat, [tail])[0] for _ in range(400)}) > 40
+
+
+def test_logprobs_match_the_host_sampler():
+    """The device records the same log-probabilities (of the raw logits) and top tokens as the host."""
+    from meganeura.backends.numpy_backend import NumpyBackend
+    from meganeura.engine.sampler import HostSampler
+
+    logits = np.random.default_rng(4).standard_normal((3, 400)).astype(np.float32)
+    cfgs = [GenerationConfig(logprobs=3), GenerationConfig(), GenerationConfig(logprobs=0, temperature=0.5, seed=1)]
+    host = HostSampler(NumpyBackend(CompileOptions(backend="numpy")))
+    device = DeviceSampler(TorchBackend(CompileOptions(backend="torch", device="cpu")))
+    seqs = {s: [Seq(c) for c in cfgs] for s in (host, device)}
+    host.choose(logits, seqs[host])
+    device.choose(torch.from_numpy(logits), seqs[device])
+    for a, b in zip(seqs[host], seqs[device]):
+        ha, db = host.logprobs.of(a), device.logprobs.of(b)
+        assert len(ha) == len(db) == (a.cfg.logprobs is not None)
+        for x, y in zip(ha, db):
+            assert [i for i, _ in x.top] == [i for i, _ in y.top] and len(x.top) == a.cfg.logprobs
+            if x.token == y.token:  # the sampled row may draw another token (another random stream)
+                assert abs(x.logprob - y.logprob) < 1e-5
+            assert np.allclose([v for _, v in x.top], [v for _, v in y.top], atol=1e-5)
+    row = logits[0].astype(np.float64)
+    expected = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    assert abs(host.logprobs.of(seqs[host][0])[0].logprob - expected.max()) < 1e-9  # greedy: the top token's

@@ -8,6 +8,11 @@ reproducible per device, not across devices. Greedy choices are identical.
 
 `choose` waits for its tokens; `choose_later` leaves them on the device for the next step
 (the overlapped decode) with its settings uploaded without waiting.
+
+Constrained sequences (a grammar: engine/grammar.py) are chosen by `choose` only (the scheduler
+steps one by one while one runs): their masks are computed on the host while the device still
+runs the decode step that made the logits, go up as bitmasks (vocab / 8 bytes a row), and are
+unpacked and applied on the device before the choice.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..engine.sampler import history
+from ..engine.sampler import Grammars, Logprobs, history
 
 
 def samples(seq) -> bool:
@@ -53,6 +58,9 @@ class DeviceSampler:
         self.backend = backend
         self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._buffers: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
+        self.grammars = Grammars()
+        self.logprobs = Logprobs()
+        self._bits: dict[torch.device, torch.Tensor] = {}
 
     def generator(self, seq, device: torch.device) -> torch.Generator:
         gen = self._generators.get(seq)
@@ -84,16 +92,44 @@ class DeviceSampler:
 
     def choose(self, logits: torch.Tensor, sequences) -> list[int]:
         """logits [rows, vocab] (one row per sequence, in order) -> the next token of each."""
-        if all(s.cfg.greedy and not s.cfg.penalizes for s in sequences):
+        masks = self.grammars.masks(sequences, logits.shape[1])  # on the host, while the device computes logits
+        wanted = self.logprobs.wanted(sequences)
+        if masks is None and not wanted and all(s.cfg.greedy and not s.cfg.penalizes for s in sequences):
             return logits.argmax(-1).tolist()
         x = logits.float()
+        if wanted:  # of the raw logits, before anything below changes them
+            lp = x[wanted].log_softmax(-1)
+            k = max(sequences[i].cfg.logprobs for i in wanted)
+            top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        if masks is not None:
+            if x is logits:  # not the runner's buffer: masking writes in place
+                x = x.clone()
+            rows, bits = masks
+            x[rows] = x[rows].masked_fill(~self.unpack(bits, x.shape[1], x.device), float("-inf"))
         for i, seq in enumerate(sequences):
             if seq.cfg.penalizes:
                 seen = torch.tensor(sorted(set(history(seq))), device=x.device)
                 v = x[i, seen]
                 x[i, seen] = torch.where(v > 0, v / seq.cfg.repetition_penalty, v * seq.cfg.repetition_penalty)
         setting = torch.from_numpy(settings(sequences, x.shape[1])).to(x.device)
-        return self.pick(x, setting, sequences).tolist()
+        tokens = self.pick(x, setting, sequences).tolist()
+        self.grammars.advance(sequences, tokens)
+        if wanted:
+            chosen = lp.gather(1, torch.tensor([tokens[i] for i in wanted], device=lp.device)[:, None])[:, 0]
+            for i, value, ids, values in zip(wanted, chosen.tolist(), top_ids.tolist(), top_values.tolist()):
+                k = sequences[i].cfg.logprobs
+                self.logprobs.record(sequences[i], tokens[i], {tokens[i]: value, **dict(zip(ids[:k], values[:k]))},
+                                     ids[:k])
+        return tokens
+
+    def unpack(self, bits: np.ndarray, vocab: int, device: torch.device) -> torch.Tensor:
+        """Host bitmasks int32 [n, words] -> bool [n, vocab] on the device (bit t % 32 of word
+        t // 32 is token t)."""
+        shifts = self._bits.get(device)
+        if shifts is None:
+            shifts = self._bits[device] = torch.arange(32, dtype=torch.int32, device=device)
+        words = torch.from_numpy(bits).to(device, non_blocking=False)
+        return ((words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
 
     def token_buffer(self, rows: int) -> torch.Tensor:
         """A device buffer of next input tokens, one per row (what choose_later writes)."""

@@ -16,8 +16,8 @@ With a sampler that `overlaps` (on a GPU), decoding is overlapped (unless `overl
 step k sends decode k, whose input tokens are decode k-1's device-side choices, before it
 waits for decode k-1's tokens on the host, so the GPU never idles on the host's bookkeeping. A
 sequence that stops (end token, stop string) at k-1 was computed once more at k; that row is
-dropped. A repetition penalty needs every token on the host: while a sequence with one runs,
-steps go one by one.
+dropped. A repetition penalty or a grammar needs every token on the host: while a sequence
+with one runs, steps go one by one.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Scheduler:
 
     def _step(self) -> list[tuple[Sequence, str]]:
         events = self._admit()
-        overlap = self.overlap and not any(s.cfg.penalizes for s in self.running.values())
+        overlap = self.overlap and not any(s.cfg.host_paced for s in self.running.values())
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
             self.pending = None

@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generate import GenerationConfig
+from ..pipeline import Encoded
 from ..processing.image import load_image
 from .config import ServerConfig, request_context
 from .connections import uvicorn_config
@@ -27,7 +29,8 @@ from .fetch import FetchBusy, RemoteFetcher
 from .media import MediaError, MediaPolicy, is_remote
 from .memory import TrimAfterBigBodies
 from .metrics import CONTENT_TYPE, Metrics
-from .schema import ChatRequest, ImagePart, chunk, completion, error_body, new_id, parse_request, usage
+from .schema import (ChatRequest, CompletionRequest, GenerationRequest, ImagePart, chunk, completion, error_body,
+                     new_id, parse_request, text_chunk, text_completion, token_logprobs, usage)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
@@ -69,7 +72,7 @@ class _CountRequests:
 
 
 def _endpoint(path: str) -> str:
-    return path if path in ("/v1/chat/completions", "/v1/models") else "other"
+    return path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other"
 
 
 def create_app(pipe, config: ServerConfig) -> FastAPI:
@@ -138,14 +141,14 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                                             "max_model_len": max_context}]}
 
     # ---- turning a request into a job -----------------------------------------------------
-    def read(body: bytes) -> ChatRequest:
+    def read(body: bytes, kind: type[GenerationRequest] = ChatRequest) -> GenerationRequest:
         """JSON and schema, then the cheap bounds (in a worker thread: a body may be 32 MB)."""
         try:
             data = json.loads(body, parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
         try:
-            req = parse_request(data)
+            req = parse_request(data, kind)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_request") from None
         if req.model != model:
@@ -153,7 +156,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                            code="model_not_found")
         chars = sum(map(len, req.texts()))
         if chars > max_chars:
-            raise ApiError(400, f"the messages hold {chars} characters of text; this server's context of {max_context} "
+            raise ApiError(400, f"the {'prompt holds' if kind is CompletionRequest else 'messages hold'} {chars} characters of text; this server's context of {max_context} "
                                 f"tokens holds at most {max_chars} ({token_chars} characters a token at most)",
                            code="context_length_exceeded")
         count = len(req.image_urls())
@@ -164,7 +167,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"model {model!r} reads text only: remove the image parts", code="images_not_supported")
         return req
 
-    async def fetch(req: ChatRequest) -> dict[str, bytes]:
+    async def fetch(req: GenerationRequest) -> dict[str, bytes]:
         remote = [url for url in req.image_urls() if is_remote(url)]
         if not remote:
             return {}
@@ -184,8 +187,39 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
 
-    def prepare(req: ChatRequest, fetched: dict[str, bytes]) -> tuple[object, GenerationConfig]:
+    def constrain(req: GenerationRequest):
+        """The request's grammar, checked (a bad schema or regex is a 400 naming it)."""
+        asked = req.constraint_fields()
+        if len(asked) > 1:
+            raise ApiError(400, f"give one of {', '.join(asked)}, not several", code="invalid_request")
+        for name, (arg, value) in asked.items():
+            try:
+                return pipe.constraint(**{arg: value})
+            except ValueError as e:
+                where = "" if str(e).startswith(name) else f"{name}: "
+                raise ApiError(400, f"{where}{e}", code="invalid_response_format") from None
+        return None
+
+    def prepare(req: GenerationRequest, fetched: dict[str, bytes], grammar) -> tuple[object, GenerationConfig]:
         """Images decoded and the prompt tokenized (in a worker thread: both are slow)."""
+        enc = encode_text(req) if isinstance(req, CompletionRequest) else encode_chat(req, fetched)
+        n, limit = len(enc.input_ids), req.answer_limit
+        room = max_context - n
+        if room < 1 or (limit or 0) > room:
+            asked = f" + {limit} for the answer (max_tokens)" if limit else ""
+            raise ApiError(400, f"this server's context is {max_context} tokens per request; the prompt takes "
+                                f"{n}{asked}", code="context_length_exceeded")
+        return enc, req.sampling(limit or room, grammar)
+
+    def encode_text(req: CompletionRequest) -> Encoded:
+        """A raw prompt: its tokens as they are, no chat template."""
+        try:
+            ids = pipe.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+        except TypeError as e:
+            raise ApiError(400, f"prompt: {e}", code="invalid_prompt") from None
+        return Encoded(np.array(ids, dtype=np.int64), None, None)
+
+    def encode_chat(req: ChatRequest, fetched: dict[str, bytes]) -> Encoded:
         messages, seen = [], 0
         for m in req.messages:
             if isinstance(m.content, str):
@@ -200,25 +234,25 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                     parts.append({"type": "text", "text": p.text})
             messages.append({"role": m.role, "content": parts})
         try:
-            enc = pipe.encode(messages)
+            return pipe.encode(messages)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_messages") from None
-        n, limit = len(enc.input_ids), req.answer_limit
-        room = max_context - n
-        if room < 1 or (limit or 0) > room:
-            asked = f" + {limit} for the answer (max_tokens)" if limit else ""
-            raise ApiError(400, f"this server's context is {max_context} tokens per request; the messages take "
-                                f"{n}{asked}", code="context_length_exceeded")
-        return enc, req.sampling(limit or room)
 
     # ---- running a job ----------------------------------------------------------------
+    def logprobs(entries) -> dict:
+        return token_logprobs(entries, lambda token: pipe.tokenizer.decode([token], skip_special_tokens=False))
+
     async def answer(job: Job):
-        """Text pieces, then the GenerationResult; an engine failure raises ApiError(500)."""
+        """Text pieces (and lists of TokenLogprob when asked), then the GenerationResult; an
+        engine failure raises ApiError(500)."""
         first = None
         while True:
             kind, value = await job.next_event()
             if kind == "error":
                 raise ApiError(500, value, type_="server_error")
+            if kind == "logprobs":
+                yield value
+                continue
             if kind == "text":
                 first = first or time.perf_counter()
                 yield value
@@ -229,20 +263,29 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             yield value
             return
 
-    async def stream(job: Job, id_: str, include_usage: bool):
+    async def stream(job: Job, id_: str, include_usage: bool, raw: bool = False):
+        """Server-sent events of a chat completion, or with `raw` of a text completion."""
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-        ended = False
+        ended, tokens = False, []  # tokens: log-probabilities waiting for the text they make
         try:
-            yield event(chunk(id_, model, {"role": "assistant", "content": ""}))
+            if not raw:
+                yield event(chunk(id_, model, {"role": "assistant", "content": ""}))
             async for item in answer(job):
+                if isinstance(item, list):
+                    tokens += item
+                    continue
                 if isinstance(item, str):
-                    yield event(chunk(id_, model, {"content": item}))
+                    yield event(text_chunk(id_, model, item) if raw else
+                                chunk(id_, model, {"content": item}, logprobs=logprobs(tokens) if tokens else None))
+                    tokens = []
                     continue
                 ended = True
-                yield event(chunk(id_, model, {}, item.finish_reason))
+                yield event(text_chunk(id_, model, "", item.finish_reason) if raw else
+                            chunk(id_, model, {}, item.finish_reason, logprobs=logprobs(tokens) if tokens else None))
                 if include_usage:
-                    yield event(chunk(id_, model, usage_=usage(item.prompt_tokens, len(item.token_ids))))
+                    counts = usage(item.prompt_tokens, len(item.token_ids))
+                    yield event(text_chunk(id_, model, usage_=counts) if raw else chunk(id_, model, usage_=counts))
         except ApiError as e:
             ended = True
             yield event(error_body(e.message, e.type, e.code))
@@ -252,10 +295,14 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                 metrics.disconnected()
         yield "data: [DONE]\n\n"
 
-    async def complete(request: Request, job: Job, id_: str):
+    async def complete(request: Request, job: Job, id_: str, raw: bool = False):
+        tokens = []
+
         async def result():
             async for item in answer(job):
-                if not isinstance(item, str):
+                if isinstance(item, list):
+                    tokens.extend(item)
+                elif not isinstance(item, str):
                     return item
         waiter, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(request))
         try:
@@ -269,14 +316,26 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         if not waiter.done() or waiter.cancelled():
             return Response(status_code=499)  # nobody reads it
         res = waiter.result()  # raises ApiError on an engine failure
-        return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids))
+        if raw:
+            return text_completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids))
+        return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
+                          logprobs(tokens) if job.cfg.logprobs is not None else None)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
+        return await generate(request, ChatRequest)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        return await generate(request, CompletionRequest)
+
+    async def generate(request: Request, kind: type[GenerationRequest]):
         arrived = time.perf_counter()
+        raw = kind is CompletionRequest
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
-        req = await run_in_threadpool(read, body)
-        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req))
+        req = await run_in_threadpool(read, body, kind)
+        grammar = await run_in_threadpool(constrain, req)  # a bad schema is refused before any fetch
+        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
         job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
         try:
             engine.submit(job)
@@ -284,11 +343,13 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             raise ApiError(429, f"the server is busy ({config.max_batch} requests running, {config.max_queue} "
                                 "waiting): retry shortly", code="queue_full", type_="server_busy",
                            headers={"Retry-After": "1"}) from None
+        id_prefix = "cmpl-" if raw else "chatcmpl-"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(job, new_id(), include_usage), media_type="text/event-stream",
+            return StreamingResponse(stream(job, new_id(id_prefix), include_usage, raw),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(request, job, new_id())
+        return await complete(request, job, new_id(id_prefix), raw)
 
     app.include_router(v1)
 

@@ -35,8 +35,10 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False               # set by the handler; the engine drops the job at its next step
     arrived: float = field(default_factory=time.perf_counter)   # when the HTTP request came in (for latency)
+    logprobs_sent: int = 0                # answer tokens whose log-probabilities have been sent
 
-    # events: ("text", str), then ("done", GenerationResult) or ("error", str)
+    # events: ("text", str) and, when asked for, ("logprobs", [TokenLogprob]) before the text its
+    # tokens made; then ("done", GenerationResult) or ("error", str)
     def send(self, kind: str, value) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -135,6 +137,9 @@ class Engine:
     def _deliver(self, events) -> None:
         for seq, piece in events:
             job = self.jobs[seq]
+            if job.cfg.logprobs is not None and len(seq.tokens) > job.logprobs_sent:  # an end token is not sent
+                job.send("logprobs", self.scheduler.sampler.logprobs.of(seq)[job.logprobs_sent:len(seq.tokens)])
+                job.logprobs_sent = len(seq.tokens)
             if piece:
                 job.send("text", piece)
             if seq.finish_reason is None:

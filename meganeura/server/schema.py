@@ -11,6 +11,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, field_validator)
 from pydantic_core import PydanticCustomError
 
+from ..engine.sampler import MAX_TOP_LOGPROBS
 from ..generate import GenerationConfig
 
 PART_TYPES = ("text", "image_url")
@@ -76,11 +77,12 @@ def _number(**bounds):
     return Field(None, strict=True, allow_inf_nan=False, **bounds)
 
 
-class ChatRequest(_Model):
+class GenerationRequest(_Model):
+    """What chat and raw completions share: the answer's limit, sampling, stop strings,
+    streaming and a constraint."""
+
     model: Text
-    messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = _number(ge=0, le=2)
     top_p: float | None = _number(gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)                 # extras vLLM accepts too
@@ -90,6 +92,11 @@ class ChatRequest(_Model):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(None, ge=1, le=1)   # one choice per request
+    # constrained answers (engine/grammar.py checks them): OpenAI's field, and vLLM's extras
+    response_format: dict | None = None
+    guided_json: dict | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,13 +112,73 @@ class ChatRequest(_Model):
 
     @property
     def answer_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens
 
-    def sampling(self, max_new_tokens: int) -> GenerationConfig:
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return None
+
+    def sampling(self, max_new_tokens: int, constraint=None) -> GenerationConfig:
         """The request's settings; those it leaves out are GenerationConfig's defaults."""
         given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                  if getattr(self, k) is not None}
-        return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop), **given)
+        return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop),
+                                constraint=constraint, logprobs=self.top_logprobs_asked, **given)
+
+    def constraint_fields(self) -> dict:
+        """The constraint asked for, as Pipeline.constraint's arguments by request field."""
+        fields = {"response_format": "response_format", "guided_json": "json_schema", "guided_regex": "regex",
+                  "guided_choice": "choice"}
+        return {name: (arg, getattr(self, name)) for name, arg in fields.items() if getattr(self, name) is not None}
+
+
+class CompletionRequest(GenerationRequest):
+    """/v1/completions: a raw prompt, no chat template."""
+
+    prompt: Text | list[Text]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise PydanticCustomError("one", "give one prompt (a string, or a list of one string)")
+            v = v[0]
+        if not v:
+            raise PydanticCustomError("empty", "the prompt is empty")
+        return v
+
+    def texts(self):
+        yield self.prompt
+
+    def image_urls(self) -> list[str]:
+        return []
+
+    @property
+    def answer_limit(self) -> int:
+        return self.max_tokens or 16  # OpenAI's default for raw completions
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def texts(self):
         """Every text the prompt is made of (for the size bound checked before tokenizing)."""
@@ -126,10 +193,10 @@ class ChatRequest(_Model):
                 for p in m.content if isinstance(p, ImagePart)]
 
 
-def parse_request(data) -> ChatRequest:
+def parse_request(data, kind: type[GenerationRequest] = ChatRequest) -> GenerationRequest:
     """Raises ValueError naming the first problem, e.g. "messages.0.content.1: unknown part type 'audio'"."""
     try:
-        return ChatRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = list(err["loc"])
@@ -164,8 +231,8 @@ def error_body(message: str, type_: str = "invalid_request_error", code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def new_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
+def new_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + uuid.uuid4().hex
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -173,21 +240,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def token_logprobs(entries, decode) -> dict:
+    """OpenAI's `logprobs` of a choice from the sampler's TokenLogprob entries; decode(id) is a
+    token's text (bytes: its UTF-8, so a token holding part of a character shows U+FFFD)."""
+    def one(token: int, logprob: float) -> dict:
+        text = decode(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]}
+                        for e in entries]}
+
+
 def completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+               completion_tokens: int, logprobs: dict | None = None) -> dict:
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+                         "finish_reason": finish_reason, "logprobs": logprobs}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(id_: str, model: str, delta: dict | None = None, finish_reason: str | None = None,
-          usage_: dict | None = None) -> dict:
+          usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     """One streamed event: a delta, a finish reason, or (with choices empty) the usage."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+                                         "logprobs": logprobs}]
     body = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def text_completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def text_chunk(id_: str, model: str, text: str | None = None, finish_reason: str | None = None,
+               usage_: dict | None = None) -> dict:
+    """One streamed event of a raw completion: text, a finish reason, or (choices empty) the usage."""
+    choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    body = {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if usage_ is not None:
         body["usage"] = usage_
     return body

@@ -1,0 +1,151 @@
+"""Constraints (engine/grammar.py): request shapes and their errors, and masks applied by the
+host and device samplers (the device one on the CPU here), on SmolLM2's real vocabulary."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llguidance")
+torch = pytest.importorskip("torch")
+
+from meganeura.backends.numpy_backend import NumpyBackend  # noqa: E402
+from meganeura.backends.torch_backend import TorchBackend  # noqa: E402
+from meganeura.backends.torch_sampling import DeviceSampler  # noqa: E402
+from meganeura.engine.grammar import constraint, grammar_tokenizer  # noqa: E402
+from meganeura.engine.sampler import HostSampler  # noqa: E402
+from meganeura.generate import GenerationConfig, Prompt  # noqa: E402
+from meganeura.session import CompileOptions  # noqa: E402
+from meganeura.weights import load_checkpoint  # noqa: E402
+
+EOS = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
+    tok = ckpt.tokenizer
+    eos = tok.token_to_id(EOS)
+    return tok, eos, int(ckpt.config["vocab_size"]), grammar_tokenizer(tok, int(ckpt.config["vocab_size"]), {eos})
+
+
+class Seq:
+    def __init__(self, cfg):
+        self.cfg, self.prompt, self.tokens = cfg, Prompt(np.array([1], dtype=np.int64)), []
+
+
+@pytest.mark.parametrize("kwargs, kind", [
+    ({"response_format": {"type": "json_object"}}, "json_object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"},
+                                                                 "strict": True}}}, "json_schema"),
+    ({"json_schema": '{"type": "array"}'}, "json_schema"),
+    ({"regex": "[a-z]+"}, "regex"),
+    ({"choice": ["yes", "no"]}, "choice"),
+])
+def test_request_shapes(kwargs, kind):
+    assert constraint(**kwargs).kind == kind
+
+
+def test_ignore_eos_cannot_go_with_a_constraint():
+    with pytest.raises(ValueError, match="ignore_eos cannot go with a constraint"):
+        GenerationConfig(ignore_eos=True, constraint=constraint(regex="a+"))
+
+
+def test_text_format_and_nothing_are_free():
+    assert constraint(response_format={"type": "text"}) is None and constraint() is None
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"json_schema": {"type": "foo"}}, "json_schema is not valid: Invalid type: foo"),
+    ({"json_schema": {"$ref": "#/nope"}}, "'/nope' does not exist"),
+    ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
+    ({"json_schema": [1]}, "must be a JSON schema (an object), got list"),
+    ({"json_schema": {"type": "integer", "minimum": 5, "maximum": 1}}, "Unsatisfiable schema: minimum (5)"),
+    ({"json_schema": False}, "must be a JSON schema (an object), got bool"),
+    ({"regex": "a(b"}, "regex is not valid"),
+    ({"regex": ""}, "regex must be a non-empty string"),
+    ({"choice": []}, "choice must be a list of non-empty strings"),
+    ({"choice": "yes"}, "choice must be a list of non-empty strings"),
+    ({"response_format": {"type": "xml"}}, 'response_format.type must be "text", "json_object" or "json_schema"'),
+    ({"response_format": {"type": "json_schema"}}, 'response_format.json_schema must be an object with a "schema"'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema is not valid: Invalid type: bogus"),
+    ({"response_format": "json"}, "response_format must be an object"),
+    ({"regex": "a", "choice": ["a"]}, "give one of response_format, json_schema, regex and choice, not regex and choice"),
+])
+def test_bad_constraints_name_the_problem(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        constraint(**kwargs)
+    assert words in str(e.value)
+
+
+def _walk(sampler, logits_of, seqs, steps, eos):
+    """Choose tokens step by step (stopping a row at its end token); returns each row's tokens."""
+    out = [[] for _ in seqs]
+    for _ in range(steps):
+        live = [i for i, o in enumerate(out) if not o or o[-1] != eos]
+        if not live:
+            break
+        tokens = sampler.choose(logits_of(len(live)), [seqs[i] for i in live])
+        for i, t in zip(live, tokens):
+            out[i].append(t)
+    return out
+
+
+@pytest.mark.parametrize("make", [lambda: HostSampler(NumpyBackend(CompileOptions(backend="numpy"))),
+                                  lambda: DeviceSampler(TorchBackend(CompileOptions(backend="torch", device="cpu")))],
+                         ids=["host", "device"])
+def test_masks_hold_on_random_logits_in_a_mixed_batch(vocab, make):
+    """Random logits: only the grammar keeps the constrained rows on track; the free rows
+    in the same batch are untouched (their tokens are the unmasked choice)."""
+    tok, eos, n, lltok = vocab
+    sampler = make()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    c = constraint(json_schema=schema).bind(lltok)
+    seqs = [Seq(GenerationConfig()), Seq(GenerationConfig(constraint=c)),
+            Seq(GenerationConfig(constraint=c, temperature=1.0, seed=5)), Seq(GenerationConfig(temperature=1.0, seed=5))]
+    rng = np.random.default_rng(0)
+    seen = []
+
+    def logits_of(rows):
+        x = rng.standard_normal((rows, n)).astype(np.float32) * 3
+        seen.append(x)
+        return x if isinstance(sampler, HostSampler) else torch.from_numpy(x)
+    out = _walk(sampler, logits_of, seqs, 40, eos)
+    for tokens in (out[1], out[2]):
+        assert tokens[-1] == eos
+        assert json.loads(tok.decode(tokens[:-1])) in [{"ok": b, "n": v} for b in (True, False) for v in (1, 22, 333)]
+    assert out[0] == [int(np.argmax(x[0])) for x in seen]  # the free greedy row (first of every step): plain argmax
+
+
+def test_device_and_host_masks_agree_greedily(vocab):
+    tok, eos, n, lltok = vocab
+    c = constraint(regex=r"[0-9]{2,4}(-[a-z]{1,3})?").bind(lltok)
+    logits = np.random.default_rng(1).standard_normal((30, n)).astype(np.float32)
+    walks = []
+    for sampler in (HostSampler(NumpyBackend(CompileOptions(backend="numpy"))), DeviceSampler(TorchBackend(CompileOptions(backend="torch", device="cpu")))):
+        rows = iter(logits)
+        on_device = isinstance(sampler, DeviceSampler)
+
+        def logits_of(_, rows=rows, on_device=on_device):
+            row = next(rows)[None].copy()
+            return torch.from_numpy(row) if on_device else row
+        [tokens] = _walk(sampler, logits_of, [Seq(GenerationConfig(constraint=c))], 30, eos)
+        walks.append(tokens)
+        assert tokens[-1] == eos
+    assert walks[0] == walks[1]
+    text = tok.decode(walks[0][:-1])
+    assert re.fullmatch(r"[0-9]{2,4}(-[a-z]{1,3})?", text)
+
+
+def test_choice_is_one_of_the_strings(vocab):
+    tok, eos, n, lltok = vocab
+    c = constraint(choice=["alpha", "beta gamma"]).bind(lltok)
+    sampler = HostSampler(NumpyBackend(CompileOptions(backend="numpy")))
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        [tokens] = _walk(sampler, lambda r: rng.standard_normal((r, n)).astype(np.float32),
+                         [Seq(GenerationConfig(constraint=c, temperature=1.0, seed=seed))], 20, eos)
+        assert tokens[-1] == eos and tok.decode(tokens[:-1]) in ("alpha", "beta gamma")
