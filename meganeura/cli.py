@@ -107,7 +107,8 @@ def _load(args, media: bool = False):
     checkpoint = load_checkpoint(args.model)
     if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
         raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
-    return Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None)
+    return Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
+                    prefix_cache=not args.no_prefix_cache)
 
 
 def _stream(pipe, messages, settings, verbose: bool) -> str:
@@ -262,6 +263,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--kv-cache-mb", type=_positive, default=None, metavar="MB",
                            help="the KV cache's budget (default: a fifth of free GPU memory; on the CPU 2 GiB of "
                                 "address space, taken as RAM only by tokens in use)")
+            p.add_argument("--no-prefix-cache", action="store_true",
+                           help="compute every prompt afresh (default: reuse cached prompt prefixes, earlier turns "
+                                "and images included, and cached vision features)")
         return p
 
     def generation(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Generator, Mapping
 
 import numpy as np
 
+from .engine.feature_cache import FeatureCache, tile_keys
 from .engine.kv_cache import CacheLayout
 from .engine.runner import ModelRunner, ModelSpec
 from .engine.scheduler import Scheduler
@@ -148,7 +149,7 @@ class Encoded:
 
 class Pipeline:
     def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, prefix_cache: bool = True) -> None:
         if checkpoint.tokenizer is None:
             raise ValueError(f"{checkpoint.source}: no tokenizer (tokenizer.json) found beside the weights")
         if not checkpoint.chat_template:
@@ -179,6 +180,8 @@ class Pipeline:
                              f"{2**20}, got {seq_len!r:.30}")
         self.image_seq_len = seq_len
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
+        self.prefix_cache = prefix_cache   # reuse cached prompt prefixes and vision features
+        self.vision_cache = FeatureCache() if prefix_cache and vlm else None
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
 
     @property
@@ -292,11 +295,31 @@ class Pipeline:
         that uses the runner."""
         if enc.pixel_values is None:
             return Prompt(enc.input_ids)
-        features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        if self.vision_cache is None:
+            features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        else:
+            keys = tile_keys(enc.pixel_values, enc.pixel_attention_mask)
+            features = self._cached_features(enc, keys)
         rows = np.flatnonzero(enc.input_ids == self.spec.image_token_id)
         if len(rows) != features.shape[0]:
             raise ValueError(f"{len(rows)} image tokens in the prompt but {features.shape[0]} image features")
-        return Prompt(enc.input_ids, features, rows)
+        if self.vision_cache is None or len(rows) % len(keys):
+            return Prompt(enc.input_ids, features, rows)  # without keys its image blocks are never cached
+        per_tile = len(rows) // len(keys)  # each tile's features fill consecutive image rows, in order
+        return Prompt(enc.input_ids, features, rows, [keys[i // per_tile] for i in range(len(rows))])
+
+    def _cached_features(self, enc: Encoded, keys: list[bytes]):
+        """The features of every tile: cached ones reused, the others encoded together and kept."""
+        found = [self.vision_cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            mask = enc.pixel_attention_mask
+            fresh = self.runner.encode_images(enc.pixel_values[missing], None if mask is None else mask[missing])
+            per_tile = fresh.shape[0] // len(missing)
+            for j, i in enumerate(missing):
+                found[i] = self.runner.backend.copy(fresh[j * per_tile:(j + 1) * per_tile])
+                self.vision_cache.put(keys[i], found[i])
+        return found[0] if len(found) == 1 else self.runner.backend.concat(found)
 
     # ---- running ---------------------------------------------------------------------------
     def logits(self, messages) -> np.ndarray:
@@ -320,7 +343,7 @@ class Pipeline:
         if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
             cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": room})
         prompts = [self.prompt(e) for e in encoded]
-        return generate_stream(self.runner, prompts, cfg, self.eos_ids, self._decode)
+        return generate_stream(self.runner, prompts, cfg, self.eos_ids, self._decode, prefix_cache=self.prefix_cache)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -328,7 +351,7 @@ class Pipeline:
     def scheduler(self, width: int = 8, sampler=None) -> Scheduler:
         """A continuous-batching scheduler of `width` sequences at once over this pipeline's
         runner (the server's engine drives one)."""
-        return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler)
+        return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler, prefix_cache=self.prefix_cache)
 
     def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one conversation, or for a list of conversations as one batch."""
@@ -371,14 +394,16 @@ def _bar(enabled: bool, what: str):
 
 
 def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-         progress: bool = True, kv_cache_bytes: int | None = None) -> Pipeline:
+         progress: bool = True, kv_cache_bytes: int | None = None, prefix_cache: bool = True) -> Pipeline:
     """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct".
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
-    address space on the CPU, where RAM is taken only by tokens in use)."""
+    address space on the CPU, where RAM is taken only by tokens in use).
+    prefix_cache: reuse the keys and values of prompt prefixes seen before (system prompts, earlier
+    turns, the same image bytes) and cached vision features; False computes every prompt afresh."""
     options = compile_options(device, dtype)  # a missing GPU fails before any download
     return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
-                    kv_cache_bytes=kv_cache_bytes)
+                    kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache)
 
 
 __all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

@@ -119,6 +119,8 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         v_cache[at] = v.to(v_cache.dtype)
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
+    if mode == "extend":
+        return attend_slot(q, k_cache, v_cache, block_table, slots[0], positions, heads, kv_heads)
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
@@ -135,6 +137,18 @@ def attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, head
     at = cache_index(block_table, slots[:, None], tokens[None, :], page_size)  # [rows, max_seq] each
     keys = tokens[None, :] <= positions[:, None]
     return _sdpa(q[:, None], k_cache[at], v_cache[at], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
+
+
+def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_heads):
+    """Rows of one sequence (a prefill chunk after cached positions) over that slot's cache,
+    each masked past its position. On the CPU the keys are gathered only as far as the rows
+    reach; on CUDA over the whole table row, so nothing is read back and the step records."""
+    page_size = k_cache.shape[1]
+    length = block_table.shape[1] * page_size if q.is_cuda else int(positions.max()) + 1
+    tokens = torch.arange(length, device=q.device)
+    at = cache_index(block_table, slot, tokens, page_size)
+    mask = tokens[None, :] <= positions[:, None]
+    return _sdpa(q[None], k_cache[at][None], v_cache[at][None], heads, kv_heads, mask=mask[None, None])[0]
 
 
 def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):

@@ -38,6 +38,7 @@ from ..weights import check_tensors
 from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
+PREFILL_CHUNK = {"cpu": 256, "cuda": 256}  # prompt tokens per scheduler step while others decode
 MAX_SLOTS = 256    # sequences that can hold cache pages at once (block-table rows)
 
 
@@ -158,6 +159,12 @@ class ModelRunner:
         rows = -(-n // PREFILL_ROWS) * PREFILL_ROWS if self.records else prefill_rows(n)
         return min(rows, self.max_seq)
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens the scheduler prefills per step: large enough that the products stay
+        efficient, small enough that decoding sequences keep moving between chunks."""
+        return PREFILL_CHUNK["cuda" if self.records else "cpu"]
+
     def decode_rows(self, rows: int) -> int:
         if not self.records:
             return rows  # the products run in pairs (batch-invariant graphs): no padding rows
@@ -191,23 +198,31 @@ class ModelRunner:
             parts.append(self.backend.copy(s.output()) if s.capture else s.output())
         return parts[0] if len(parts) == 1 else self.backend.concat(parts)
 
-    def prefill(self, token_ids, slot: int, image_features=None, image_rows=None, all_logits: bool = False):
-        """A prompt at positions 0..n-1 of `slot` (whose pages must cover them) -> float32 logits
-        of its last row [1, vocab], or of every row [n, vocab] with all_logits."""
+    def prefill(self, token_ids, slot: int, image_features=None, image_rows=None, all_logits: bool = False,
+                start: int = 0):
+        """A prompt, or a chunk of one, at positions start..start+n-1 of `slot` (whose pages must
+        cover them; positions 0..start-1 must already hold the sequence: a cached prefix or
+        earlier chunks) -> float32 logits of its last row [1, vocab], or of every row [n, vocab]
+        with all_logits. image_rows index the rows of this call (0..n-1)."""
         token_ids = np.asarray(token_ids, dtype=np.int64)
         n = len(token_ids)
-        if not 0 < n <= self.cache.slot_tokens(slot):
-            raise ValueError(f"prefill: {n} tokens, but slot {slot} holds {self.cache.slot_tokens(slot)}")
+        if not (0 < n and 0 <= start and start + n <= self.cache.slot_tokens(slot)):
+            at = f" from position {start}" if start else ""
+            raise ValueError(f"prefill: {n} tokens{at}, but slot {slot} holds {self.cache.slot_tokens(slot)}")
         self._check_ids(token_ids, image_rows, n)
         rows = self.prefill_rows(n)
         logit_rows = np.arange(n) if all_logits else np.array([n - 1])
         m = 0 if image_features is None else int(image_features.shape[0])
         record = self.records and not all_logits
-        s = self._text_session(rows, len(logit_rows), m, "prefill", record)
-        self._feed(s, np.pad(token_ids, (0, rows - n)), np.arange(rows), np.full(rows, slot), logit_rows)
-        if m:
-            s.set_input("image_features", image_features)
-            s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32))
+        s = self._text_session(rows, len(logit_rows), rows if m else 0, "extend" if start else "prefill", record)
+        positions, slots = start + np.arange(rows), np.full(rows, slot)
+        if start:  # padding rows write the scratch page: past the chunk may be another's (shared) page
+            positions[n:], slots[n:] = start + n - 1, self.cache.dummy_slot
+        self._feed(s, np.pad(token_ids, (0, rows - n)), positions, slots, logit_rows)
+        if m:  # padded to one row per prompt row (fewer plan shapes): repeats write the same row again
+            repeat = np.minimum(np.arange(rows), m - 1)
+            s.set_input("image_features", image_features[repeat])
+            s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32)[repeat])
         s.run()
         return s.output()
 
