@@ -120,7 +120,7 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
     if mode == "extend":
-        return attend_slot(q, k_cache, v_cache, block_table, slots[0], positions, heads, kv_heads)
+        return attend_slot(q, k_cache, v_cache, block_table, slots[0], positions, heads, kv_heads, q.is_cuda)
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
@@ -139,12 +139,13 @@ def attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, head
     return _sdpa(q[:, None], k_cache[at], v_cache[at], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
 
 
-def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_heads):
+def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_heads, recordable: bool):
     """Rows of one sequence (a prefill chunk after cached positions) over that slot's cache,
-    each masked past its position. On the CPU the keys are gathered only as far as the rows
-    reach; on CUDA over the whole table row, so nothing is read back and the step records."""
+    each masked past its position. The keys are gathered as far as the rows reach (read on the
+    host: free on the CPU) or, `recordable` (CUDA), over the whole table row, so nothing is read
+    back and the step can be recorded."""
     page_size = k_cache.shape[1]
-    length = block_table.shape[1] * page_size if q.is_cuda else int(positions.max()) + 1
+    length = block_table.shape[1] * page_size if recordable else int(positions.max()) + 1
     tokens = torch.arange(length, device=q.device)
     at = cache_index(block_table, slot, tokens, page_size)
     mask = tokens[None, :] <= positions[:, None]
