@@ -2,10 +2,11 @@
 cancelled.
 
 Each `step()` admits waiting sequences (a cache slot with pages for prompt + answer limit),
-prefills at most `prefill_chunk` prompt tokens (the oldest unfinished prompts first, so a long
-prompt is prefilled over several steps while the others keep decoding), then runs one decode
-step for every sequence whose prompt is done. A sequence that cannot get pages yet waits, in
-order; one that could never fit was refused by `add`.
+prefills at most `prefill_chunk` prompt tokens while other sequences decode (the oldest
+unfinished prompts first, so a long prompt is prefilled over several steps and the others keep
+moving; with nothing decoding, whole prompts), then runs one decode step for every sequence
+whose prompt is done. A sequence that cannot get pages yet waits, in order; one that could
+never fit was refused by `add`.
 
 Prefix cache (on unless `prefix_cache=False`): a prompt's full blocks are looked up in the KV
 cache by their keys (kv_cache.block_hashes); the cached leading blocks are not prefilled
@@ -213,9 +214,11 @@ class Scheduler:
         return events
 
     def _prefill(self) -> list[tuple[Sequence, str]]:
-        """Prefill up to `prefill_chunk` prompt tokens, oldest prompts first; a prompt that is
-        done gets its first token and its full blocks are kept in the prefix cache."""
-        events, budget = [], self.prefill_chunk
+        """Prefill up to `prefill_chunk` prompt tokens, oldest prompts first (every waiting token
+        when no sequence is decoding: then nobody waits on the chunks); a prompt that is done
+        gets its first token and its full blocks are kept in the prefix cache."""
+        decoding = any(not seq.prefilling for seq in self.running.values())
+        events, budget = [], self.prefill_chunk if decoding else self.runner.max_seq * len(self.prefilling)
         while self.prefilling and budget > 0:
             seq = self.prefilling[0]
             p = seq.prompt
