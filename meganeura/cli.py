@@ -126,7 +126,8 @@ def _stream(pipe, messages, settings, verbose: bool) -> str:
     if verbose:
         t = result.timings
         prefill = result.prompt_tokens / t["prefill_s"] if t["prefill_s"] else 0.0
-        print(f"prompt: {result.prompt_tokens} tokens in {t['prefill_s']:.2f} s ({prefill:.1f} tok/s); "
+        print(f"prompt: {result.prompt_tokens} tokens ({result.cached_tokens} cached) in {t['prefill_s']:.2f} s "
+              f"({prefill:.1f} tok/s); "
               f"answer: {t['new_tokens']} tokens, decoded in {t['decode_s']:.2f} s ({t['tokens_per_s']:.1f} tok/s)",
               file=sys.stderr)
     return "".join(pieces)

@@ -138,6 +138,7 @@ class Encoded:
     input_ids: np.ndarray                 # int64 [seq]
     pixel_values: np.ndarray | None       # float32 [tiles, 3, H, W]
     pixel_attention_mask: np.ndarray | None
+    tile_keys: list[bytes] | None = None  # content hash of each tile (feature_cache.tile_keys), when caching
 
     def as_dict(self) -> dict:
         out = {"input_ids": self.input_ids}
@@ -242,7 +243,9 @@ class Pipeline:
             raise ValueError(self._too_long(len(ids), videos))
         if videos:
             pixel_values, mask = self._media_pixels(media, pixel_values, mask, batch)
-        return Encoded(ids, pixel_values, mask)
+        # hashed here, off the engine thread (the server encodes in worker threads; hashlib lets go of the GIL)
+        keys = tile_keys(pixel_values, mask) if self.vision_cache is not None and pixel_values is not None else None
+        return Encoded(ids, pixel_values, mask, keys)
 
     def _open_video(self, part: VideoSource) -> VideoClip:
         if part.source is None:
@@ -298,7 +301,7 @@ class Pipeline:
         if self.vision_cache is None:
             features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
         else:
-            keys = tile_keys(enc.pixel_values, enc.pixel_attention_mask)
+            keys = enc.tile_keys or tile_keys(enc.pixel_values, enc.pixel_attention_mask)
             features = self._cached_features(enc, keys)
         rows = np.flatnonzero(enc.input_ids == self.spec.image_token_id)
         if len(rows) != features.shape[0]:

@@ -145,8 +145,8 @@ def test_prompt_from_stdin_with_a_timing_summary_and_no_progress_bar(tiny):
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
     assert lines[0] == f"loading {tiny} ..." and len(lines) == 2, out.stderr
-    assert re.fullmatch(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tok/s\); answer: \d+ tokens, decoded in [\d.]+ s "
-                        r"\([\d.]+ tok/s\)", lines[1]), lines[1]
+    assert re.fullmatch(r"prompt: \d+ tokens \(\d+ cached\) in [\d.]+ s \([\d.]+ tok/s\); "
+                        r"answer: \d+ tokens, decoded in [\d.]+ s \([\d.]+ tok/s\)", lines[1]), lines[1]
     assert "\r" not in out.stderr  # the weights bar is for terminals only
 
 

@@ -266,3 +266,20 @@ def test_server_reports_cached_tokens_and_prefix_cache_counters(pipes):
     assert hit_tokens[1] - hit_tokens[0] >= 2 * ((prompt - 1) // BS * BS)
     assert "# TYPE meganeura_prefix_cache_evictions_total counter" in after
     assert metric(after, "meganeura_kv_cache_cached_pages") > 0
+
+
+@pytest.mark.parametrize("flags, reused", [((), True), (("--no-prefix-cache",), False)])
+def test_cli_chat_reuses_the_earlier_turn_unless_told_not_to(pipes, capsys, monkeypatch, flags, reused):
+    import io
+    import re
+    import sys
+
+    import meganeura.cli as cli
+
+    folder = pipes[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me a story about a river.\nAnd then?\n/quit\n"))
+    code = cli.main(["chat", "--model", str(folder), "--device", "cpu", "--max-new-tokens", "3", "-v", *flags])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    cached = [int(n) for n in re.findall(r"prompt: \d+ tokens \((\d+) cached\)", err)]
+    assert len(cached) == 2 and cached[0] == 0 and (cached[1] > 0) == reused

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,7 +38,8 @@ from ..weights import check_tensors
 from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
-PREFILL_CHUNK = {"cpu": 256, "cuda": 256}  # prompt tokens per scheduler step while others decode
+PREFILL_CHUNK = {"cpu": 256, "cuda": 128}  # prompt tokens per scheduler step while others decode
+SPAN_TOKENS = 1024  # recorded chunk prefills: one recording per this many positions of context
 MAX_SLOTS = 256    # sequences that can hold cache pages at once (block-table rows)
 
 
@@ -132,13 +133,17 @@ class ModelRunner:
             s = self._sessions[key] = Session(g, self.options, self.store, capture=record, foldable=self._foldable)
         return s
 
-    def _text_session(self, rows: int, logit_rows: int, image_tokens: int, mode: str, record: bool) -> Session:
-        key = ("text", rows, logit_rows, image_tokens, mode)
+    def _text_session(self, rows: int, logit_rows: int, image_tokens: int, mode: str, record: bool,
+                      span_blocks: int | None = None) -> Session:
+        """span_blocks: the plan sees only the block table's first columns (a recorded chunk
+        prefill attends over every position they cover: fewer columns, less work)."""
+        key = ("text", rows, logit_rows, image_tokens, mode, span_blocks)
         fresh = key not in self._sessions
-        s = self._session(key, lambda g: self.build_text_graph(g, rows, logit_rows, image_tokens, mode), record,
-                          batch_invariant=mode == "decode")
+        layout = self.cache.layout if span_blocks is None else replace(self.cache.layout, max_blocks=span_blocks)
+        s = self._session(key, lambda g: self.build_text_graph(g, rows, logit_rows, image_tokens, mode, layout),
+                          record, batch_invariant=mode == "decode")
         if fresh:  # every text plan reads the cache's one block table in place
-            s.bind_input("block_table", self.cache.device_table)
+            s.bind_input("block_table", self.cache.device_table[:, :layout.max_blocks])
         return s
 
     @functools.cached_property
@@ -214,7 +219,11 @@ class ModelRunner:
         logit_rows = np.arange(n) if all_logits else np.array([n - 1])
         m = 0 if image_features is None else int(image_features.shape[0])
         record = self.records and not all_logits
-        s = self._text_session(rows, len(logit_rows), rows if m else 0, "extend" if start else "prefill", record)
+        span = None  # a recorded chunk attends over the positions before it, in spans of SPAN_TOKENS
+        if start and record:
+            span = min(-(-(start + n) // SPAN_TOKENS) * SPAN_TOKENS // BLOCK_SIZE, self.cache.layout.max_blocks)
+        s = self._text_session(rows, len(logit_rows), rows if m else 0, "extend" if start else "prefill", record,
+                               span)
         positions, slots = start + np.arange(rows), np.full(rows, slot)
         if start:  # padding rows write the scratch page: past the chunk may be another's (shared) page
             positions[n:], slots[n:] = start + n - 1, self.cache.dummy_slot
