@@ -119,7 +119,7 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
 
     rt = pipe.runner
     rng = np.random.default_rng(0)
-    cfg = GenerationConfig(max_new_tokens=4000, ignore_eos=True)
+    cfg = GenerationConfig(max_new_tokens=min(1000, rt.max_seq - 200), ignore_eos=True)  # decoding all along
 
     def one(prefill_chunk: int, seed: int) -> tuple[float, float, float, int]:
         sched = Scheduler(rt, set(), lambda ids: "", width=16, prefix_cache=False, prefill_chunk=prefill_chunk)
@@ -135,9 +135,11 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
         for _ in range(40):  # all streams decoding, steady
             step()
         arrived = len(stamps[seqs[0]])
-        long = sched.add(Prompt(np.random.default_rng(seed).integers(100, 40000, long_tokens)), cfg)
+        long = sched.add(Prompt(np.random.default_rng(seed).integers(100, 40000, long_tokens)),
+                         GenerationConfig(max_new_tokens=8, ignore_eos=True))
         while long.prefilling or not long.tokens:
             step()
+        to_first = len(stamps[seqs[0]]) - arrived
         for _ in range(5):
             step()
         done = len(stamps[seqs[0]])
@@ -145,7 +147,7 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
         during = np.concatenate([np.diff(stamps[s][arrived - 1:done]) for s in seqs])
         sched.cancel_all()
         torch.cuda.synchronize()
-        return float(np.median(before)), float(during.max()), float(np.percentile(during, 90)), done - arrived
+        return float(np.median(before)), float(during.max()), float(np.percentile(during, 90)), to_first
 
     chunks = [chunk] if chunk else sorted({64, rt.prefill_chunk, 256})
     chunks.append(10**6)
