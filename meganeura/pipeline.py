@@ -12,13 +12,14 @@ import functools
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Mapping
 
 import numpy as np
 
-from .engine.feature_cache import FeatureCache, tile_keys
+from .engine.feature_cache import PREPARED_BYTES, FeatureCache, Prepared, image_key, tile_keys
 from .engine.kv_cache import CacheLayout
 from .engine.runner import ModelRunner, ModelSpec
 from .engine.scheduler import Scheduler
@@ -183,6 +184,8 @@ class Pipeline:
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
         self.prefix_cache = prefix_cache   # reuse cached prompt prefixes and vision features
         self.vision_cache = FeatureCache() if prefix_cache and vlm else None
+        self._prepared = FeatureCache(PREPARED_BYTES)  # preprocessed images by pixel content (with the caches)
+        self._prepared_lock = threading.Lock()         # encode runs in the server's worker threads
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
 
     @property
@@ -225,9 +228,9 @@ class Pipeline:
         videos = [m for m in media if isinstance(m, VideoClip)]
         text = render_chat(self.checkpoint.chat_template, messages, add_generation_prompt=True,
                            bos_token=self._special("bos_token_id"), eos_token=self._special("eos_token_id"))
-        pixel_values = mask = batch = None
+        pixel_values = mask = batch = image_keys = None
         if images:
-            batch = preprocess_images([images], self.image_config)
+            batch, image_keys = self._preprocess(images)
             text = expand_image_tokens(text, batch["image_grids"][0], self.image_seq_len)
             pixel_values = batch["pixel_values"][0]
             mask = batch.get("pixel_attention_mask")
@@ -244,8 +247,29 @@ class Pipeline:
         if videos:
             pixel_values, mask = self._media_pixels(media, pixel_values, mask, batch)
         # hashed here, off the engine thread (the server encodes in worker threads; hashlib lets go of the GIL)
-        keys = tile_keys(pixel_values, mask) if self.vision_cache is not None and pixel_values is not None else None
+        keys = image_keys
+        if videos and self.vision_cache is not None:
+            keys = tile_keys(pixel_values, mask)
         return Encoded(ids, pixel_values, mask, keys)
+
+    def _preprocess(self, images: list) -> tuple[dict, list[bytes] | None]:
+        """preprocess_images for one conversation's images and, with the caches on, their tile
+        keys: kept by the decoded pixels' hash (a chat resends its photo every turn)."""
+        if self.vision_cache is None:
+            return preprocess_images([images], self.image_config), None
+        key = image_key(images)
+        with self._prepared_lock:
+            found = self._prepared.get(key)
+        if found is None:
+            batch = preprocess_images([images], self.image_config)
+            for value in batch.values():  # shared by every call that sends these images
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            mask = batch.get("pixel_attention_mask")
+            found = Prepared(batch, tile_keys(batch["pixel_values"][0], None if mask is None else mask[0]))
+            with self._prepared_lock:
+                self._prepared.put(key, found)
+        return found.batch, found.keys
 
     def _open_video(self, part: VideoSource) -> VideoClip:
         if part.source is None:

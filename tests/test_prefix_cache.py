@@ -283,3 +283,24 @@ def test_cli_chat_reuses_the_earlier_turn_unless_told_not_to(pipes, capsys, monk
     assert code == 0, err
     cached = [int(n) for n in re.findall(r"prompt: \d+ tokens \((\d+) cached\)", err)]
     assert len(cached) == 2 and cached[0] == 0 and (cached[1] > 0) == reused
+
+
+def test_a_resent_image_is_preprocessed_once_and_one_pixel_off_is_not_taken_for_it(pipes, monkeypatch, tmp_path):
+    import meganeura.pipeline as pipeline_module
+
+    _, on, off = pipes
+    calls = []
+    real = pipeline_module.preprocess_images
+    monkeypatch.setattr(pipeline_module, "preprocess_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pixels = photo(4)
+    moved = pixels.copy()
+    moved[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "b.png")
+    Image.fromarray(moved).save(tmp_path / "c.png")
+    a, b = (on.encode(ask(str(tmp_path / n), "Hi")) for n in ("a.png", "b.png"))
+    assert len(calls) == 1 and a.tile_keys == b.tile_keys and np.shares_memory(a.pixel_values, b.pixel_values)
+    c = on.encode(ask(str(tmp_path / "c.png"), "Hi"))
+    assert len(calls) == 2 and c.tile_keys != a.tile_keys
+    np.testing.assert_array_equal(off.encode(ask(str(tmp_path / "c.png"), "Hi")).pixel_values, c.pixel_values)
+    assert not a.pixel_values.flags.writeable  # shared between calls: nobody may change it
