@@ -127,7 +127,7 @@ def test_decode_attention(heads, kv_heads, splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 11])
 @pytest.mark.parametrize("shape,norm,gated,residual,float_out", [
     ((100, 96), False, False, False, False), ((130, 64), True, False, False, True),
     ((70, 80), False, True, True, False), ((20, 300), True, False, True, False)])
@@ -147,3 +147,45 @@ def test_gemv(rows, shape, norm, gated, residual, float_out, dtype):
         h = ref.op_rms_norm(node("rms_norm", eps=1e-5), h, host(g))
     expected = h @ host(w).T + (host(r) if residual else 0)
     assert rel_err(host(out), expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,norm,gated,residual,float_out", [
+    ((130, 64), True, False, True, True), ((70, 80), False, True, True, False)])
+def test_gemv_rows_are_computed_as_alone(shape, norm, gated, residual, float_out, dtype):
+    """Row invariance: each row of a 13-row product (two programs of rows) is bit-identical to
+    that row alone and to it inside a 3-row product."""
+    from meganeura.kernels.gemv import gemv
+    n, k = shape
+    x = dev(rng.standard_normal((13, 2 * k if gated else k)).astype(np.float32), dtype)
+    w = dev(rng.standard_normal((n, k)).astype(np.float32), dtype)
+    g = dev(rng.standard_normal(k).astype(np.float32), dtype) if norm else None
+    r = dev(rng.standard_normal((13, n)).astype(np.float32), dtype) if residual else None
+
+    def product(rows):
+        return host(gemv(x[rows], w, residual=r[rows] if residual else None, norm=g, eps=1e-5, gated=gated,
+                         float_out=float_out))
+
+    batch = product(slice(0, 13))
+    assert np.array_equal(product(slice(9, 12)), batch[9:12])
+    for i in (0, 5, 8, 12):
+        assert np.array_equal(product(slice(i, i + 1))[0], batch[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_rows_are_computed_as_alone(dtype):
+    """Row invariance: a row's attention does not depend on how many rows run beside it."""
+    from meganeura.kernels.decode_attention import decode_attention
+    heads, kv_heads, d = 15, 5, 64
+    slots, positions = np.array([3, 0, 2, 1]), np.array([0, 299, 130, 64])
+    q = dev(rng.standard_normal((4, heads * d)).astype(np.float32), dtype)
+    kc, vc, table = _paged_cache(4, 300, kv_heads * d, dtype)
+    table = dev(table, torch.int64)
+
+    def attend(rows):
+        return host(decode_attention(q[rows], kc, vc, table, dev(slots[rows], torch.int64),
+                                     dev(positions[rows], torch.int64), heads, kv_heads))
+
+    batch = attend(slice(0, 4))
+    for i in range(4):
+        assert np.array_equal(attend(slice(i, i + 1))[0], batch[i])

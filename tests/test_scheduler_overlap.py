@@ -69,3 +69,30 @@ def test_overlapped_seeded_sampling_equals_step_by_step():
     assert _generate(rt, PROMPTS, eos, [12], device=True, **sampling) == expected
     assert CountingSampler.device_fed_steps >= 5
     assert len({tuple(t) for t, _ in expected}) > 1  # sampled, not one repeated answer
+
+
+def test_decode_steps_compute_the_running_sequences_only():
+    """Lanes stay dense as sequences leave (the highest lane takes the freed one, with its next
+    token on the device), so each step computes one row per running sequence: a lone user of
+    a wide scheduler computes one row. Answers equal each prompt's solo answer."""
+    rt = _runner(model)
+    limits = [3, 9, 5, 12, 2]  # sequences leave from the middle lanes first
+    solo = [_generate(rt, [p], set(), [n])[0][0] for p, n in zip(PROMPTS, limits)]
+    rows_per_step = []
+    decode = rt.decode
+
+    def counting(tokens, positions, slots):
+        rows_per_step.append(len(positions))
+        return decode(tokens, positions, slots)
+
+    rt.decode = counting
+    for device in (False, True):
+        rows_per_step.clear()
+        sched = Scheduler(rt, set(), lambda ids: "", width=8, sampler=CountingSampler(rt.backend) if device else None)
+        seqs = [sched.add(Prompt(p), GenerationConfig(max_new_tokens=n)) for p, n in zip(PROMPTS, limits)]
+        while not sched.idle:
+            sched.step()
+            assert sorted(sched.running) == list(range(len(sched.running)))
+            assert all(seq.lane == lane for lane, seq in sched.running.items())
+        assert [s.tokens for s in seqs] == solo
+        assert rows_per_step[0] == 5 and rows_per_step[-1] == 1 and sorted(rows_per_step, reverse=True) == rows_per_step

@@ -183,8 +183,10 @@ def op_linear(node: Node, x, w, *extra):
     residual = rest.pop(0) if a["residual"] else None
     norm = rest.pop(0) if a["norm"] else None
     if _fast(x) and bias is None and not a["gelu"] and x.stride(-1) == 1:
-        from ..kernels.gemv import MAX_ROWS, gemv
-        if x.shape[0] <= MAX_ROWS:
+        # the skinny-product kernel: one row, or a decode step's few rows, each computed as it
+        # is alone (cuBLAS picks its kernel, and so its summation order, by the row count)
+        from ..kernels.gemv import INVARIANT_ROWS, gemv
+        if x.shape[0] == 1 or (a["batch_invariant"] and x.shape[0] <= INVARIANT_ROWS):
             return gemv(x, w, residual, norm, a["eps"], a["gated"], float_out=a["float_out"])
     if norm is not None:
         x = rms_norm(x, norm, a["eps"])

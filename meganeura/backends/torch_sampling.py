@@ -103,6 +103,10 @@ class DeviceSampler:
         """Set one row's next token from the host (a sequence that joined after the step went out)."""
         self.backend.write(buffer[row:row + 1], [token], "u32")
 
+    def move(self, buffer: torch.Tensor, src: int, dst: int) -> None:
+        """Copy one row's next token to another row, in stream order (after the step that chose it)."""
+        buffer[dst:dst + 1].copy_(buffer[src:src + 1])
+
     def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
         """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
         greedily) into the device buffer `into` (the next step's input tokens), without

@@ -10,13 +10,15 @@ between stages: vision features go into the prefill without a host copy.
 Row padding, the one policy (`prefill_rows`, `decode_rows`):
 - a prefill runs its prompt padded to a few shapes (each new shape costs a plan build; on a
   GPU, a recording); padding rows write past the sequence's pages, into the scratch page;
-- a decode computes the rows it is given; on a backend that records (CUDA) it runs a fixed
-  width (the scheduler's), padded to a power of two, so a handful of recordings serve every
-  batch and every row's arithmetic is the same whatever else runs (cuBLAS picks its kernel by
-  row count); on the CPU it runs the live rows only, its products in pairs of rows (graphs built
-  batch-invariant), the shape whose per-row results do not depend on the other rows
-  (measured: one-row products take another kernel, and wider ones vary with the row count).
-  Padding rows repeat the last row: they write the same cache entry with the same values.
+- a decode computes the rows it is given (the scheduler's running sequences); on a backend
+  that records (CUDA) the row count is padded to a power of two, so a handful of recordings
+  serve every batch. Every row's arithmetic is the same whatever else runs: on CUDA the decode
+  products, attention and the rest are row-invariant kernels (kernels/gemv.py,
+  kernels/decode_attention.py; cuBLAS would pick its kernel by row count); on the CPU the
+  products run in pairs of rows (graphs built batch-invariant), the shape whose per-row
+  results do not depend on the other rows (measured: one-row products take another kernel,
+  and wider ones vary with the row count). Padding rows repeat the last row: they write the
+  same cache entry with the same values.
 A step's logits stay valid until the next step; vision features are copies.
 """
 

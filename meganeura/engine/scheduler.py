@@ -12,10 +12,12 @@ Prefix cache (on unless `prefix_cache=False`): a prompt's full blocks are looked
 cache by their keys (kv_cache.block_hashes); the cached leading blocks are not prefilled
 again, and once a prompt is prefilled its full blocks are kept for the prompts that follow.
 
-Decode rows: on the CPU only the running sequences are computed. On a GPU (a runner that
-records, or a sampler that picks on the device) a step has one row per *lane*, `width` of
-them, whatever is running: idle lanes decode a dummy row in the cache's dummy slot, so each
-step replays the same recording and no sequence's arithmetic depends on the others.
+Decode rows: a running sequence holds a *lane*, its row in the decode steps. Lanes are kept
+dense (a sequence that leaves hands its lane to the one in the highest lane), so a step
+computes lanes 0..running-1: one user of a wide server computes one row. The runner may pad
+the row count (a GPU records one graph per power of two): padding lanes decode a dummy row in
+the cache's dummy slot. The runner computes every row as it would alone (row-invariant
+kernels), so no sequence's answer depends on what else runs.
 
 With a sampler that `overlaps` (on a GPU), decoding is overlapped (unless `overlap=False`):
 step k sends decode k, whose input tokens are decode k-1's device-side choices, before it
@@ -27,7 +29,6 @@ steps go one by one.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -107,16 +108,14 @@ class Scheduler:
         self.runner, self.cache, self.eos_ids, self.decode = runner, runner.cache, eos_ids, decode
         self.sampler = sampler or runner.backend.sampler()
         self.overlap = overlap and self.sampler.overlaps
-        self.fixed_width = runner.records or self.sampler.overlaps
         self.width = width
-        self.free_lanes = list(range(width))      # a heap: the lowest free lane goes first
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}    # lane -> sequence
         self.prefilling: deque[Sequence] = deque()  # running sequences whose prompt is not all prefilled, oldest first
         self.last_decode_batch = 0                # sequences in the last decode step (for metrics)
         self.pending: _Launch | None = None       # an overlapped decode whose tokens are still on the device
         self._in_flight: dict[Sequence, int] = {}
-        self._next_tokens = None                  # device [width]: each lane's next input token
+        self._next_tokens = None                  # device, one per lane: each lane's next input token
 
     @property
     def idle(self) -> bool:
@@ -125,7 +124,7 @@ class Scheduler:
     @property
     def open_lanes(self) -> int:
         """Lanes that no running or waiting sequence will take."""
-        return len(self.free_lanes) - len(self.waiting)
+        return self.width - len(self.running) - len(self.waiting)
 
     def add(self, prompt: Prompt, cfg: GenerationConfig) -> Sequence:
         n = len(prompt.token_ids)
@@ -188,7 +187,7 @@ class Scheduler:
     def _admit(self) -> list[tuple[Sequence, str]]:
         """Give waiting sequences a lane and cache pages (cached prefix pages included), in order."""
         events = []
-        while self.waiting and self.free_lanes:
+        while self.waiting and len(self.running) < self.width:
             seq = self.waiting[0]
             # the last prompt token is always prefilled: its logits give the first answer token
             lookup = seq.prefix[:(len(seq.prompt.token_ids) - 1) // self.cache.layout.block_size]
@@ -208,7 +207,7 @@ class Scheduler:
             else:
                 seq.slot = self.cache.take(seq.cache_tokens)
             seq.cached_tokens = seq.prefilled
-            seq.lane = heapq.heappop(self.free_lanes)
+            seq.lane = len(self.running)  # lanes stay dense: 0..running-1
             self.running[seq.lane] = seq
             self.prefilling.append(seq)
         return events
@@ -258,22 +257,22 @@ class Scheduler:
                 if not seq.prefilling and len(seq.tokens) + self._in_flight.get(seq, 0) < seq.cfg.max_new_tokens}
         if not seqs:
             return None
-        lanes = range(self.width) if self.fixed_width else sorted(seqs)
+        lanes = range(self.runner.decode_rows(len(self.running)))
         positions = np.array([seqs[lane].position if lane in seqs else 0 for lane in lanes])
         slots = np.array([seqs[lane].slot if lane in seqs else self.cache.dummy_slot for lane in lanes])
         if self.pending is None:  # every input token is known on the host
             tokens = np.array([seqs[lane].tokens[-1] if lane in seqs else 0 for lane in lanes])
         else:  # the decode in flight chose them on the device
-            tokens = self._next_tokens
+            tokens = self._next_tokens[:len(lanes)]
         logits = self.runner.decode(tokens, positions, slots)
         for seq in seqs.values():
             seq.position += 1
             self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
         if overlap:
             if self._next_tokens is None:
-                self._next_tokens = self.sampler.token_buffer(self.width)
+                self._next_tokens = self.sampler.token_buffer(self.runner.decode_rows(self.width))
             rows = [seqs.get(lane) for lane in lanes]
-            return _Launch(seqs, self.sampler.choose_later(logits, rows, self._next_tokens))
+            return _Launch(seqs, self.sampler.choose_later(logits, rows, self._next_tokens[:len(lanes)]))
         rows = [row for row, lane in enumerate(lanes) if lane in seqs]
         picked = logits if len(rows) == len(lanes) else logits[rows]
         chosen = self.sampler.choose(picked, [seqs[lanes[row]] for row in rows])
@@ -313,6 +312,10 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.prefilling:
             self.prefilling.remove(seq)
-        del self.running[seq.lane]
-        heapq.heappush(self.free_lanes, seq.lane)
+        last = self.running.pop(len(self.running) - 1)
+        if last is not seq:  # the highest lane moves into the freed one: lanes stay dense
+            last.lane = seq.lane
+            self.running[seq.lane] = last
+            if self._next_tokens is not None:  # its next input token moves with it, on the device
+                self.sampler.move(self._next_tokens, len(self.running), last.lane)
         self.cache.release(seq.slot)

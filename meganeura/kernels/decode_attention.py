@@ -5,6 +5,10 @@ Each row (one sequence) attends to tokens 0..position of its slot in the paged c
 programs of work per row, far too few for a GPU, so the keys are cut into `splits` chunks
 (flash-decoding): each program reduces one chunk for all query heads sharing a kv head
 (one tl.dot for the group), and a second kernel merges the chunks' partial softmaxes.
+
+Row invariance: the number of splits depends on the device and the model, never on the row
+count, and a row's chunks on its own length only; splits past a row's keys write nothing and
+are left out of its merge. So a row's result is the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -61,14 +65,15 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, slots_ptr, positio
         m = m_new
         n0 += BLOCK
     part = (row * H + heads) * SPLITS + split
-    tl.store(m_ptr + part, m, mask=g < G)
-    tl.store(l_ptr + part, l, mask=g < G)
-    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+    used = (g < G) & (start + 0 * g < length)  # a split past the row's keys: nothing to merge
+    tl.store(m_ptr + part, m, mask=used)
+    tl.store(l_ptr + part, l, mask=used)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=used[:, None])
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, positions_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -76,19 +81,24 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_out, H: tl.constexpr, D
     head = tl.program_id(1)
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
+    length = tl.load(positions_ptr + row) + 1
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK  # as the split kernel cut it
+    used = s < tl.cdiv(length, chunk)
     part = (row * H + head) * SPLITS + s
-    m = tl.load(m_ptr + part, mask=s < SPLITS, other=float("-inf"))
-    l = tl.load(l_ptr + part, mask=s < SPLITS, other=0.0)
-    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    m = tl.load(m_ptr + part, mask=used, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=used, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
     w = tl.exp(m - tl.max(m, axis=0))  # empty chunks have m = -inf: weight 0
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + row * stride_out + head * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def default_splits(rows: int, num_kv_heads: int, max_seq: int, block: int, device: torch.device) -> int:
-    """Enough chunks for ~2 programs per multiprocessor, never chunks shorter than a block."""
+def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.device) -> int:
+    """Enough chunks for ~2 programs per multiprocessor at batch 1, never chunks shorter than a
+    block. Not a function of the row count (row invariance): wider batches get more programs,
+    and a row with few keys fills few of its chunks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, rows * num_kv_heads)))
+    return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, num_kv_heads)))
 
 
 def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_heads: int, num_kv_heads: int,
@@ -101,7 +111,7 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
     assert q.stride(1) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
     assert block_table.stride(1) == 1
     max_seq = block_table.shape[1] * k_cache.shape[1]
-    splits = splits or default_splits(rows, num_kv_heads, max_seq, block, q.device)
+    splits = splits or default_splits(num_kv_heads, max_seq, block, q.device)
     m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
@@ -114,6 +124,6 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
         k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group,
         GP=max(16, triton.next_power_of_2(group)), D=d, SPLITS=splits, BLOCK=block, PAGE=k_cache.shape[1],
         PRECISION=precision, num_warps=4, **pdl_args(q))
-    _merge_kernel[(rows, num_heads)](m, l, acc, out, out.stride(0), H=num_heads, D=d, SPLITS=splits,
-                                     SP=triton.next_power_of_2(splits), num_warps=2, **pdl_args(q))
+    _merge_kernel[(rows, num_heads)](m, l, acc, out, positions, out.stride(0), H=num_heads, D=d, SPLITS=splits,
+                                     SP=triton.next_power_of_2(splits), BLOCK=block, num_warps=2, **pdl_args(q))
     return out
