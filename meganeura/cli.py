@@ -132,7 +132,8 @@ def _load(args, media: bool = False):
     checkpoint = load_checkpoint(args.model)
     if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
         raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
-    pipe = Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None)
+    pipe = Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
+                    prefix_cache=not args.no_prefix_cache)
     if getattr(args, "verbose", False):
         print(f"weights: {pipe.runner.weight_form} ({pipe.runner.weight_form_reason})", file=sys.stderr)
     return pipe
@@ -153,7 +154,8 @@ def _stream(pipe, messages, settings, verbose: bool) -> str:
     if verbose:
         t = result.timings
         prefill = result.prompt_tokens / t["prefill_s"] if t["prefill_s"] else 0.0
-        print(f"prompt: {result.prompt_tokens} tokens in {t['prefill_s']:.2f} s ({prefill:.1f} tok/s); "
+        print(f"prompt: {result.prompt_tokens} tokens ({result.cached_tokens} cached) in {t['prefill_s']:.2f} s "
+              f"({prefill:.1f} tok/s); "
               f"answer: {t['new_tokens']} tokens, decoded in {t['decode_s']:.2f} s ({t['tokens_per_s']:.1f} tok/s)",
               file=sys.stderr)
     return "".join(pieces)
@@ -318,6 +320,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--kv-cache-mb", type=_positive, default=None, metavar="MB",
                            help="the KV cache's budget (default: a fifth of free GPU memory; on the CPU 2 GiB of "
                                 "address space, taken as RAM only by tokens in use)")
+            p.add_argument("--no-prefix-cache", action="store_true",
+                           help="compute every prompt afresh (default: reuse cached prompt prefixes, earlier turns "
+                                "and images included, and cached vision features)")
         return p
 
     def generation(p: argparse.ArgumentParser) -> None:

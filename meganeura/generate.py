@@ -39,6 +39,7 @@ class GenerationResult:
     finish_reason: str                # "stop" (end token or stop string), "length", "cancelled" or "error"
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
+    cached_tokens: int = 0            # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Prompt:
     token_ids: np.ndarray
     image_features: object = None     # backend array [image tokens, hidden] or None
     image_rows: np.ndarray | None = None
+    image_keys: list[bytes] | None = None  # per image row, the content hash of its pixels (prefix-cache keys)
 
 
 class TextStream:
@@ -94,14 +96,16 @@ class TextStream:
 
 
 def generate_stream(runner, prompts: list[Prompt], cfg: GenerationConfig, eos_ids: set[int],
-                    decode: Callable[[list[int]], str], sampler=None) -> Iterator[tuple[int, str]]:
+                    decode: Callable[[list[int]], str], sampler=None,
+                    prefix_cache: bool = True) -> Iterator[tuple[int, str]]:
     """Yield (sequence index, text piece) as tokens arrive; returns the results via StopIteration.
 
     More prompts than the batch (or the cache) holds is fine: the rest wait and join as
     others finish. Closing the generator early (an abandoned stream) frees what it held."""
     from .engine.scheduler import Scheduler
 
-    scheduler = Scheduler(runner, eos_ids, decode, min(len(prompts), runner.max_slots) or 1, sampler)
+    scheduler = Scheduler(runner, eos_ids, decode, min(len(prompts), runner.max_slots) or 1, sampler,
+                          prefix_cache=prefix_cache)
     seqs = [scheduler.add(p, cfg) for p in prompts]  # length errors before any model work
     index = {seq: i for i, seq in enumerate(seqs)}
     try:

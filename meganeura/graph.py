@@ -303,8 +303,10 @@ class Graph:
         0..positions[i] of slot slots[i]. All writes happen before reads, so one call serves a
         prefill (one slot, consecutive positions), a batched decode (one row per slot) and any
         mix of the two. `mode` is a promise about the rows that lets a backend pick a faster
-        kernel without reading them: "prefill" (one slot, positions 0..rows-1), "decode" (each
-        row its own slot) or "any". With `rope_theta`, q and k are rotated (rope) at their
+        kernel without reading them: "prefill" (one slot, positions 0..rows-1), "extend" (the
+        rows' slots[0] and positions, consecutive, continue a sequence whose earlier positions
+        are cached; other rows may write the scratch slot and their outputs are unused),
+        "decode" (each row its own slot) or "any". With `rope_theta`, q and k are rotated (rope) at their
         positions first: the fusion of rope into the cache write.
         """
         op = "cached_attention"
@@ -318,7 +320,8 @@ class Graph:
                    "block_table must be u32 [slots, max_pages]", block_table)
         self._need(slots.dtype == positions.dtype == "u32" and slots.shape == positions.shape == (rows,), op,
                    f"slots and positions must be u32 [{rows}]", slots, positions)
-        self._need(mode in ("any", "prefill", "decode"), op, f"mode must be any, prefill or decode, got {mode!r}", q)
+        self._need(mode in ("any", "prefill", "extend", "decode"), op,
+                   f"mode must be any, prefill, extend or decode, got {mode!r}", q)
         return self._add(op, (q, k, v, k_cache, v_cache, block_table, slots, positions), q.shape,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, mode=mode,
                          rope_theta=None if rope_theta is None else float(rope_theta))

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Generator, Mapping
 import numpy as np
 
 from .engine.grammar import Constraint, constraint, grammar_tokenizer
+from .engine.feature_cache import PREPARED_BYTES, FeatureCache, Prepared, image_key, tile_keys
 from .engine.kv_cache import CacheLayout
 from .engine.runner import ModelRunner, ModelSpec
 from .engine.scheduler import Scheduler
@@ -148,6 +150,7 @@ class Encoded:
     input_ids: np.ndarray                 # int64 [seq]
     pixel_values: np.ndarray | None       # float32 [tiles, 3, H, W]
     pixel_attention_mask: np.ndarray | None
+    tile_keys: list[bytes] | None = None  # content hash of each tile (feature_cache.tile_keys), when caching
 
     def as_dict(self) -> dict:
         out = {"input_ids": self.input_ids}
@@ -159,7 +162,7 @@ class Encoded:
 
 class Pipeline:
     def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, prefix_cache: bool = True) -> None:
         if checkpoint.tokenizer is None:
             raise ValueError(f"{checkpoint.source}: no tokenizer (tokenizer.json) found beside the weights")
         if not checkpoint.chat_template:
@@ -190,6 +193,10 @@ class Pipeline:
                              f"{2**20}, got {seq_len!r:.30}")
         self.image_seq_len = seq_len
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
+        self.prefix_cache = prefix_cache   # reuse cached prompt prefixes and vision features
+        self.vision_cache = FeatureCache() if prefix_cache and vlm else None
+        self._prepared = FeatureCache(PREPARED_BYTES)  # preprocessed images by pixel content (with the caches)
+        self._prepared_lock = threading.Lock()         # encode runs in the server's worker threads
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
 
     @property
@@ -232,9 +239,9 @@ class Pipeline:
         videos = [m for m in media if isinstance(m, VideoClip)]
         text = render_chat(self.checkpoint.chat_template, messages, add_generation_prompt=True,
                            bos_token=self._special("bos_token_id"), eos_token=self._special("eos_token_id"))
-        pixel_values = mask = batch = None
+        pixel_values = mask = batch = image_keys = None
         if images:
-            batch = preprocess_images([images], self.image_config)
+            batch, image_keys = self._preprocess(images)
             text = expand_image_tokens(text, batch["image_grids"][0], self.image_seq_len)
             pixel_values = batch["pixel_values"][0]
             mask = batch.get("pixel_attention_mask")
@@ -250,7 +257,30 @@ class Pipeline:
             raise ValueError(self._too_long(len(ids), videos))
         if videos:
             pixel_values, mask = self._media_pixels(media, pixel_values, mask, batch)
-        return Encoded(ids, pixel_values, mask)
+        # hashed here, off the engine thread (the server encodes in worker threads; hashlib lets go of the GIL)
+        keys = image_keys
+        if videos and self.vision_cache is not None:
+            keys = tile_keys(pixel_values, mask)
+        return Encoded(ids, pixel_values, mask, keys)
+
+    def _preprocess(self, images: list) -> tuple[dict, list[bytes] | None]:
+        """preprocess_images for one conversation's images and, with the caches on, their tile
+        keys: kept by the decoded pixels' hash (a chat resends its photo every turn)."""
+        if self.vision_cache is None:
+            return preprocess_images([images], self.image_config), None
+        key = image_key(images)
+        with self._prepared_lock:
+            found = self._prepared.get(key)
+        if found is None:
+            batch = preprocess_images([images], self.image_config)
+            for value in batch.values():  # shared by every call that sends these images
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            mask = batch.get("pixel_attention_mask")
+            found = Prepared(batch, tile_keys(batch["pixel_values"][0], None if mask is None else mask[0]))
+            with self._prepared_lock:
+                self._prepared.put(key, found)
+        return found.batch, found.keys
 
     def _open_video(self, part: VideoSource) -> VideoClip:
         if part.source is None:
@@ -303,11 +333,31 @@ class Pipeline:
         that uses the runner."""
         if enc.pixel_values is None:
             return Prompt(enc.input_ids)
-        features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        if self.vision_cache is None:
+            features = self.runner.encode_images(enc.pixel_values, enc.pixel_attention_mask)
+        else:
+            keys = enc.tile_keys or tile_keys(enc.pixel_values, enc.pixel_attention_mask)
+            features = self._cached_features(enc, keys)
         rows = np.flatnonzero(enc.input_ids == self.spec.image_token_id)
         if len(rows) != features.shape[0]:
             raise ValueError(f"{len(rows)} image tokens in the prompt but {features.shape[0]} image features")
-        return Prompt(enc.input_ids, features, rows)
+        if self.vision_cache is None or len(rows) % len(keys):
+            return Prompt(enc.input_ids, features, rows)  # without keys its image blocks are never cached
+        per_tile = len(rows) // len(keys)  # each tile's features fill consecutive image rows, in order
+        return Prompt(enc.input_ids, features, rows, [keys[i // per_tile] for i in range(len(rows))])
+
+    def _cached_features(self, enc: Encoded, keys: list[bytes]):
+        """The features of every tile: cached ones reused, the others encoded together and kept."""
+        found = [self.vision_cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            mask = enc.pixel_attention_mask
+            fresh = self.runner.encode_images(enc.pixel_values[missing], None if mask is None else mask[missing])
+            per_tile = fresh.shape[0] // len(missing)
+            for j, i in enumerate(missing):
+                found[i] = self.runner.backend.copy(fresh[j * per_tile:(j + 1) * per_tile])
+                self.vision_cache.put(keys[i], found[i])
+        return found[0] if len(found) == 1 else self.runner.backend.concat(found)
 
     # ---- running ---------------------------------------------------------------------------
     def logits(self, messages) -> np.ndarray:
@@ -345,7 +395,7 @@ class Pipeline:
         if cfg.max_new_tokens > room:  # stop at the context's end rather than refuse
             cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": room})
         prompts = [self.prompt(e) for e in encoded]
-        return generate_stream(self.runner, prompts, cfg, self.eos_ids, self._decode)
+        return generate_stream(self.runner, prompts, cfg, self.eos_ids, self._decode, prefix_cache=self.prefix_cache)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -353,7 +403,7 @@ class Pipeline:
     def scheduler(self, width: int = 8, sampler=None) -> Scheduler:
         """A continuous-batching scheduler of `width` sequences at once over this pipeline's
         runner (the server's engine drives one)."""
-        return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler)
+        return Scheduler(self.runner, self.eos_ids, self._decode, width, sampler, prefix_cache=self.prefix_cache)
 
     def generate(self, messages, **settings: Any) -> GenerationResult | list[GenerationResult]:
         """Generate for one conversation, or for a list of conversations as one batch.
@@ -400,17 +450,20 @@ def _bar(enabled: bool, what: str):
 
 
 def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-         progress: bool = True, kv_cache_bytes: int | None = None, quantize: str = "auto") -> Pipeline:
+         progress: bool = True, kv_cache_bytes: int | None = None, quantize: str = "auto",
+         prefix_cache: bool = True) -> Pipeline:
     """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct".
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
     address space on the CPU, where RAM is taken only by tokens in use).
     quantize: "int4" or "int8" keeps the text decoder's weights compact on the CPU; "auto"
     keeps a GGUF's own precision there (a Q4_1 file runs 4-bit); "none": float weights.
-    `pipe.runner.weight_form` says which form was chosen and why."""
+    `pipe.runner.weight_form` says which form was chosen and why.
+    prefix_cache: reuse the keys and values of prompt prefixes seen before (system prompts, earlier
+    turns, the same image bytes) and cached vision features; False computes every prompt afresh."""
     options = compile_options(device, dtype, quantize)  # a missing GPU fails before any download
     return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
-                    kv_cache_bytes=kv_cache_bytes)
+                    kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache)
 
 
 __all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

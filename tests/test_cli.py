@@ -146,8 +146,8 @@ def test_prompt_from_stdin_with_a_timing_summary_and_no_progress_bar(tiny):
     lines = out.stderr.splitlines()
     assert lines[0] == f"loading {tiny} ..." and len(lines) == 3, out.stderr
     assert lines[1] == "weights: none (auto: the checkpoint's own precision (F32))"  # a float folder stays float
-    assert re.fullmatch(r"prompt: \d+ tokens in [\d.]+ s \([\d.]+ tok/s\); answer: \d+ tokens, decoded in [\d.]+ s "
-                        r"\([\d.]+ tok/s\)", lines[2]), lines[2]
+    assert re.fullmatch(r"prompt: \d+ tokens \(\d+ cached\) in [\d.]+ s \([\d.]+ tok/s\); "
+                        r"answer: \d+ tokens, decoded in [\d.]+ s \([\d.]+ tok/s\)", lines[2]), lines[2]
     assert "\r" not in out.stderr  # the weights bar is for terminals only
 
 

@@ -205,3 +205,34 @@ def test_any_order_of_calls_keeps_working(tmp_path):
     got = [run(pipe, c, n) for c, n in calls]
     fresh = [run(meganeura.load(str(folder), device="cuda", dtype="bfloat16", progress=False), c, n) for c, n in calls]
     assert got == fresh
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_and_cached_prefill_equal_one_prefill_on_the_gpu(model, dtype):
+    """The recorded `extend` prefill (a chunk after cached positions, over the slot's whole table
+    row) gives the whole prefill's last logits; a prefix-cache hit then reuses the pages."""
+    from meganeura.engine.kv_cache import block_hashes
+    rng = np.random.default_rng(5)
+    ids, pixels = _prompt(rng, images=2, text=150)
+    rt = _runner(model, dtype)
+    feats, rows = rt.encode_images(pixels), np.flatnonzero(ids == IMAGE_TOKEN)
+    n = len(ids)
+    slot = rt.cache.take(n)
+    whole = rt.to_host(rt.prefill(ids, slot, feats, rows))
+    rt.cache.release(slot)
+    keys = block_hashes(ids, 16, rows, [b"image"] * len(rows))
+    slot, hit = rt.cache.take_prefix(n, keys)
+    assert hit == 0
+    cut = 70  # inside the second image: its features are split between the chunks
+    rt.prefill(ids[:cut], slot, feats[:rows.searchsorted(cut)], rows[rows < cut])
+    chunked = rt.to_host(rt.prefill(ids[cut:], slot, feats[rows.searchsorted(cut):], rows[rows >= cut] - cut,
+                                    start=cut))
+    rt.cache.remember(slot, keys)
+    rt.cache.release(slot)
+    slot, hit = rt.cache.take_prefix(n, keys[:(n - 1) // 16])
+    assert hit == (n - 1) // 16 * 16
+    cached = rt.to_host(rt.prefill(ids[hit:], slot, None, None, start=hit))
+    rt.cache.release(slot)
+    limit = 1e-4 if dtype == "float32" else 3e-2
+    assert rel_err(chunked, whole) < limit and rel_err(cached, whole) < limit
+    assert int(chunked.argmax()) == int(whole.argmax()) == int(cached.argmax())

@@ -119,3 +119,23 @@ def test_cli_chat_and_inspect():
                              capture_output=True, text=True, timeout=300)
     assert inspect.returncode == 0, inspect.stderr
     assert "parameters: 272 tensors" in inspect.stdout and "dispatches" in inspect.stdout
+
+
+def test_multi_turn_answers_equal_without_the_prefix_cache(pipe):
+    messages = [{"role": "system", "content": "You are a terse assistant."}, *QUESTION]
+    cache = pipe.runner.cache
+    for turn, follow_up in enumerate(["And of Italy?", "Which of the two is larger?"]):
+        hits = cache.hit_tokens
+        a = pipe.generate(messages, max_new_tokens=12)
+        pipe.prefix_cache = False
+        try:
+            b = pipe.generate(messages, max_new_tokens=12)
+        finally:
+            pipe.prefix_cache = True
+        assert a.token_ids == b.token_ids and b.cached_tokens == 0
+        assert cache.hit_tokens - hits == a.cached_tokens
+        if turn:  # the previous prompt's full blocks
+            assert a.cached_tokens == previous // 16 * 16
+        previous = a.prompt_tokens
+        messages += [{"role": "assistant", "content": a.text}, {"role": "user", "content": follow_up}]
+    assert cache.free_pages == cache.layout.num_blocks - 1

@@ -126,6 +126,8 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         v_cache[at] = v.to(v_cache.dtype)
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
+    if mode == "extend":
+        return attend_slot(q, k_cache, v_cache, block_table, slots[0], positions, heads, kv_heads, q.is_cuda)
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
@@ -142,6 +144,26 @@ def attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, head
     at = cache_index(block_table, slots[:, None], tokens[None, :], page_size)  # [rows, max_seq] each
     keys = tokens[None, :] <= positions[:, None]
     return _sdpa(q[:, None], k_cache[at], v_cache[at], heads, kv_heads, mask=keys[:, None, None, :])[:, 0]
+
+
+def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_heads, recordable: bool):
+    """Rows of one sequence (a prefill chunk after cached positions) over that slot's cache,
+    each masked past its position. The keys are gathered as far as the rows reach (read on the
+    host: free on the CPU) or, `recordable` (CUDA), over the table's columns (the runner binds
+    as many as the chunk needs), so nothing is read back and the step can be recorded."""
+    page_size = k_cache.shape[1]
+    length = block_table.shape[1] * page_size if recordable else int(positions.max()) + 1
+    tokens = torch.arange(length, device=q.device)
+    at = cache_index(block_table, slot, tokens, page_size)
+    rows, group = q.shape[0], heads // kv_heads
+    d = q.shape[1] // heads
+    # query head h reads kv head h // group: one attention per kv head over its group's queries
+    # stacked as rows, so the keys are never repeated per query head
+    q = q.reshape(rows, kv_heads, group, d).permute(1, 2, 0, 3).reshape(1, kv_heads, group * rows, d)
+    k, v = (c[at].reshape(length, kv_heads, d).transpose(0, 1)[None].to(q.dtype) for c in (k_cache, v_cache))
+    mask = (tokens[None, :] <= positions[:, None]).repeat(group, 1)  # [group * rows, length], group-major like q
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+    return out.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)
 
 
 def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):

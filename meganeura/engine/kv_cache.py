@@ -15,14 +15,23 @@ recorded CUDA graphs keep pointing at it. Pages are handed out per sequence for 
 plus its answer limit when it starts (so a running sequence never runs out), and returned
 when it ends. On the CPU the allocation is lazy (pages untouched by a write cost no RAM)
 and returned pages are given back to the OS, so memory held follows tokens in use.
+
+Prefix cache: a full page of a prompt can be kept after its sequence ends, under the key of
+everything up to its end (`block_hashes`: a hash chain over token ids and, at image
+positions, the hash of the pixels they came from). A sequence whose prompt starts with the
+same keys gets those pages in its table, shared (reference-counted) and read-only: it writes
+only past them. Unused cached pages count as free; they are reused, least recently used
+first, only when no never-cached page is left, and pages in use are never taken.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import heapq
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +86,23 @@ def cache_index(block_table, slots, positions, page_size: int):
     return block_table[slots, positions // page_size], positions % page_size
 
 
+def block_hashes(token_ids, block_size: int, image_rows=None, image_keys=None) -> list[bytes]:
+    """The prefix-cache key of each full block of a prompt: block b's key hashes block b-1's key,
+    its token ids and, for each image position in it, `image_keys[i]` (the content hash of the
+    pixels that image row came from; never a file name or URL). Equal keys mean equal prefixes."""
+    ids = np.asarray(token_ids, dtype="<i8")
+    rows = np.asarray(image_rows if image_rows is not None else [], dtype=np.int64)
+    keys, key = [], b""
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        h = hashlib.blake2b(key, digest_size=16)
+        h.update(ids[start:start + block_size].tobytes())
+        for i in range(*np.searchsorted(rows, [start, start + block_size])):
+            h.update(image_keys[i])
+        key = h.digest()
+        keys.append(key)
+    return keys
+
+
 def bytes_per_token(layers: int, kv_dim: int, itemsize: int) -> int:
     return 2 * layers * kv_dim * itemsize
 
@@ -103,6 +129,11 @@ class KVCache:
         self.dummy_slot = layout.slots - 1   # never handed out: its table row is all scratch
         self._free_slots = list(range(layout.slots - 1))
         self._pages: dict[int, list[int]] = {}   # slot -> its pages, in order
+        self._refs: dict[int, int] = {}          # page -> slots that hold it (pages in use only)
+        self._index: dict[bytes, int] = {}       # prefix key -> cached page (in use or not)
+        self._key_of: dict[int, bytes] = {}      # cached page -> its key
+        self._unused: OrderedDict[bytes, int] = OrderedDict()  # cached pages no slot holds, oldest use first
+        self.lookups = self.hits = self.hit_tokens = self.evictions = 0   # prefix-cache counters
 
     # ---- capacity -------------------------------------------------------------------------
     @property
@@ -112,7 +143,13 @@ class KVCache:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free_pages)
+        """Pages no sequence holds (cached ones included: they are given up when needed)."""
+        return len(self._free_pages) + len(self._unused)
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages that hold a prefix for reuse, in use or not."""
+        return len(self._index)
 
     @property
     def free_slots(self) -> int:
@@ -128,32 +165,90 @@ class KVCache:
                             f"of {self.layout.block_size} tokens; this cache holds {self.capacity_tokens} tokens "
                             f"({self.layout.num_blocks - 1} pages): ask for fewer tokens or a larger kv_cache_bytes")
 
-    def can_take(self, tokens: int) -> bool:
-        return bool(self._free_slots) and self.pages_for(tokens) <= len(self._free_pages)
+    def can_take(self, tokens: int, prefix: list[bytes] = ()) -> bool:
+        hit = self._matched(prefix)
+        revived = sum(1 for page in hit if page not in self._refs)  # unused cached pages it would hold
+        return bool(self._free_slots) and self.pages_for(tokens) - len(hit) <= self.free_pages - revived
+
+    def _matched(self, prefix: list[bytes]) -> list[int]:
+        """The cached pages of the longest run of leading keys in `prefix`."""
+        pages = []
+        for key in prefix:
+            page = self._index.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
 
     # ---- slots ----------------------------------------------------------------------------
     def take(self, tokens: int) -> int:
         """A slot with pages for `tokens` tokens (positions 0..tokens-1)."""
+        return self._take(tokens, [])
+
+    def take_prefix(self, tokens: int, prefix: list[bytes]) -> tuple[int, int]:
+        """`take`, reusing cached pages: `prefix` lists the keys of leading full blocks (from
+        `block_hashes`); the cached pages of the longest matching run lead the slot's table.
+        Returns (slot, cached tokens): positions 0..cached tokens-1 already hold their keys and values."""
+        hit = len(self._matched(prefix))
+        slot = self._take(tokens, prefix[:hit])
+        self.lookups += 1
+        self.hits += bool(hit)
+        self.hit_tokens += hit * self.layout.block_size
+        return slot, hit * self.layout.block_size
+
+    def _take(self, tokens: int, hit_keys: list[bytes]) -> int:
         self.check_fits(tokens)
-        if not self.can_take(tokens):
-            raise CacheFull(f"the KV cache has no room now for {tokens} tokens ({len(self._free_pages)} free pages, "
+        if not self.can_take(tokens, hit_keys):
+            raise CacheFull(f"the KV cache has no room now for {tokens} tokens ({self.free_pages} free pages, "
                             f"{len(self._free_slots)} free slots): wait for running sequences to finish")
+        hit = [self._index[key] for key in hit_keys]
+        for page in hit:
+            self._unused.pop(self._key_of[page], None)
+            self._refs[page] = self._refs.get(page, 0) + 1
         slot = heapq.heappop(self._free_slots)
-        pages = [heapq.heappop(self._free_pages) for _ in range(self.pages_for(tokens))]
+        pages = hit + [self._fresh_page() for _ in range(self.pages_for(tokens) - len(hit))]
         self._pages[slot] = pages
         self.table[slot, :len(pages)] = pages
         self.backend.write(self.device_table[slot], self.table[slot], "u32")
         return slot
 
+    def _fresh_page(self) -> int:
+        """A never-cached free page, or else the least recently used unused cached one."""
+        if self._free_pages:
+            page = heapq.heappop(self._free_pages)
+        else:
+            key, page = self._unused.popitem(last=False)
+            del self._index[key], self._key_of[page]
+            self.evictions += 1
+        self._refs[page] = 1
+        return page
+
+    def remember(self, slot: int, prefix: list[bytes]) -> None:
+        """Keep the slot's leading pages for reuse under `prefix` (their keys); their keys and values
+        must be written. A key already cached elsewhere keeps its page."""
+        for page, key in zip(self._pages[slot], prefix):
+            if key not in self._index and page not in self._key_of:
+                self._index[key], self._key_of[page] = page, key
+
     def release(self, slot: int) -> None:
-        """Return a slot and its pages; its table row points at scratch again."""
+        """Return a slot and its pages; its table row points at scratch again. A cached page no
+        other slot holds stays cached, as the most recently used."""
         pages = self._pages.pop(slot)
         self.table[slot] = 0
         self.backend.write(self.device_table[slot], self.table[slot], "u32")
-        for page in pages:
-            heapq.heappush(self._free_pages, page)
         heapq.heappush(self._free_slots, slot)
-        self.backend.forget_pages(self.storage, pages)
+        forgotten = []
+        for page in reversed(pages):  # a prefix's later blocks become older: evicted before the blocks they extend
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            del self._refs[page]
+            if page in self._key_of:
+                self._unused[self._key_of[page]] = page
+            else:
+                heapq.heappush(self._free_pages, page)
+                forgotten.append(page)
+        self.backend.forget_pages(self.storage, forgotten)
 
     def slot_tokens(self, slot: int) -> int:
         """How many positions a slot's pages cover."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,8 @@ from ..weights import check_tensors
 from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
+PREFILL_CHUNK = {"cpu": 256, "cuda": 128}  # prompt tokens per scheduler step while others decode
+SPAN_TOKENS = 1024  # recorded chunk prefills: one recording per this many positions of context
 MAX_SLOTS = 256    # sequences that can hold cache pages at once (block-table rows)
 
 
@@ -197,13 +199,17 @@ class ModelRunner:
             s = self._sessions[key] = Session(g, self.options, self.store, capture=record, foldable=self._foldable)
         return s
 
-    def _text_session(self, rows: int, logit_rows: int, image_tokens: int, mode: str, record: bool) -> Session:
-        key = ("text", rows, logit_rows, image_tokens, mode)
+    def _text_session(self, rows: int, logit_rows: int, image_tokens: int, mode: str, record: bool,
+                      span_blocks: int | None = None) -> Session:
+        """span_blocks: the plan sees only the block table's first columns (a recorded chunk
+        prefill attends over every position they cover: fewer columns, less work)."""
+        key = ("text", rows, logit_rows, image_tokens, mode, span_blocks)
         fresh = key not in self._sessions
-        s = self._session(key, lambda g: self.build_text_graph(g, rows, logit_rows, image_tokens, mode), record,
-                          batch_invariant=mode == "decode")
+        layout = self.cache.layout if span_blocks is None else replace(self.cache.layout, max_blocks=span_blocks)
+        s = self._session(key, lambda g: self.build_text_graph(g, rows, logit_rows, image_tokens, mode, layout),
+                          record, batch_invariant=mode == "decode")
         if fresh:  # every text plan reads the cache's one block table in place
-            s.bind_input("block_table", self.cache.device_table)
+            s.bind_input("block_table", self.cache.device_table[:, :layout.max_blocks])
         return s
 
     @functools.cached_property
@@ -223,6 +229,12 @@ class ModelRunner:
     def prefill_rows(self, n: int) -> int:
         rows = -(-n // PREFILL_ROWS) * PREFILL_ROWS if self.records else prefill_rows(n)
         return min(rows, self.max_seq)
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens the scheduler prefills per step: large enough that the products stay
+        efficient, small enough that decoding sequences keep moving between chunks."""
+        return PREFILL_CHUNK["cuda" if self.records else "cpu"]
 
     def decode_rows(self, rows: int) -> int:
         if not self.records:
@@ -257,23 +269,35 @@ class ModelRunner:
             parts.append(self.backend.copy(s.output()) if s.capture else s.output())
         return parts[0] if len(parts) == 1 else self.backend.concat(parts)
 
-    def prefill(self, token_ids, slot: int, image_features=None, image_rows=None, all_logits: bool = False):
-        """A prompt at positions 0..n-1 of `slot` (whose pages must cover them) -> float32 logits
-        of its last row [1, vocab], or of every row [n, vocab] with all_logits."""
+    def prefill(self, token_ids, slot: int, image_features=None, image_rows=None, all_logits: bool = False,
+                start: int = 0):
+        """A prompt, or a chunk of one, at positions start..start+n-1 of `slot` (whose pages must
+        cover them; positions 0..start-1 must already hold the sequence: a cached prefix or
+        earlier chunks) -> float32 logits of its last row [1, vocab], or of every row [n, vocab]
+        with all_logits. image_rows index the rows of this call (0..n-1)."""
         token_ids = np.asarray(token_ids, dtype=np.int64)
         n = len(token_ids)
-        if not 0 < n <= self.cache.slot_tokens(slot):
-            raise ValueError(f"prefill: {n} tokens, but slot {slot} holds {self.cache.slot_tokens(slot)}")
+        if not (0 < n and 0 <= start and start + n <= self.cache.slot_tokens(slot)):
+            at = f" from position {start}" if start else ""
+            raise ValueError(f"prefill: {n} tokens{at}, but slot {slot} holds {self.cache.slot_tokens(slot)}")
         self._check_ids(token_ids, image_rows, n)
         rows = self.prefill_rows(n)
         logit_rows = np.arange(n) if all_logits else np.array([n - 1])
         m = 0 if image_features is None else int(image_features.shape[0])
         record = self.records and not all_logits
-        s = self._text_session(rows, len(logit_rows), m, "prefill", record)
-        self._feed(s, np.pad(token_ids, (0, rows - n)), np.arange(rows), np.full(rows, slot), logit_rows)
-        if m:
-            s.set_input("image_features", image_features)
-            s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32))
+        span = None  # a recorded chunk attends over the positions before it, in spans of SPAN_TOKENS
+        if start and record:
+            span = min(-(-(start + n) // SPAN_TOKENS) * SPAN_TOKENS // BLOCK_SIZE, self.cache.layout.max_blocks)
+        s = self._text_session(rows, len(logit_rows), rows if m else 0, "extend" if start else "prefill", record,
+                               span)
+        positions, slots = start + np.arange(rows), np.full(rows, slot)
+        if start:  # padding rows write the scratch page: past the chunk may be another's (shared) page
+            positions[n:], slots[n:] = start + n - 1, self.cache.dummy_slot
+        self._feed(s, np.pad(token_ids, (0, rows - n)), positions, slots, logit_rows)
+        if m:  # padded to one row per prompt row (fewer plan shapes): repeats write the same row again
+            repeat = np.minimum(np.arange(rows), m - 1)
+            s.set_input("image_features", image_features[repeat])
+            s.set_input("image_rows", np.asarray(image_rows, dtype=np.uint32)[repeat])
         s.run()
         return s.output()
 

@@ -1,9 +1,16 @@
 """Continuous batching: sequences join between decode steps and leave when finished or
 cancelled.
 
-Each `step()` admits waiting sequences (a cache slot with pages for prompt + answer limit,
-then one prefill each), then runs one decode step for every running sequence. A sequence that
-cannot get pages yet waits, in order; one that could never fit was refused by `add`.
+Each `step()` admits waiting sequences (a cache slot with pages for prompt + answer limit),
+prefills at most `prefill_chunk` prompt tokens while other sequences decode (the oldest
+unfinished prompts first, so a long prompt is prefilled over several steps and the others keep
+moving; with nothing decoding, whole prompts), then runs one decode step for every sequence
+whose prompt is done. A sequence that cannot get pages yet waits, in order; one that could
+never fit was refused by `add`.
+
+Prefix cache (on unless `prefix_cache=False`): a prompt's full blocks are looked up in the KV
+cache by their keys (kv_cache.block_hashes); the cached leading blocks are not prefilled
+again, and once a prompt is prefilled its full blocks are kept for the prompts that follow.
 
 Decode rows: a running sequence holds a *lane*, its row in the decode steps. Lanes are kept
 dense (a sequence that leaves hands its lane to the one in the highest lane), so a step
@@ -30,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from ..generate import GenerationConfig, GenerationResult, Prompt, TextStream
-from .kv_cache import CacheFull
+from .kv_cache import CacheFull, block_hashes
 
 
 class Sequence:
@@ -42,15 +49,23 @@ class Sequence:
         self.slot: int | None = None            # its block-table row in the KV cache
         self.lane: int | None = None            # its row in the scheduler's decode steps
         self.position = len(prompt.token_ids)   # where the next token goes in the cache
+        self.prefilled = 0                      # prompt positions whose keys and values are in the cache
+        self.cached_tokens = 0                  # of those, how many came from the prefix cache
+        self.prefix: list[bytes] = []           # the prefix-cache keys of its prompt's full blocks
         self.finish_reason: str | None = None   # "stop", "length", "cancelled" or "error"
         self.error: Exception | None = None
         self.decode_steps = 0                   # tokens that came from decode steps (the first comes from prefill)
         self.prefill_s = self.decode_s = 0.0
+        self._prefill_start: float | None = None
         self._decode_start: float | None = None
 
     @property
     def tokens(self) -> list[int]:
         return self.stream.tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt.token_ids)
 
     @property
     def cache_tokens(self) -> int:
@@ -60,7 +75,7 @@ class Sequence:
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.stream.text(), token_ids=list(self.tokens), finish_reason=self.finish_reason,
-            prompt_tokens=len(self.prompt.token_ids),
+            prompt_tokens=len(self.prompt.token_ids), cached_tokens=self.cached_tokens,
             timings={"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": len(self.tokens),
                      "tokens_per_s": self.decode_steps / self.decode_s if self.decode_steps else 0.0})
 
@@ -83,15 +98,20 @@ class _Ready:
 
 class Scheduler:
     def __init__(self, runner, eos_ids: set[int], decode: Callable[[list[int]], str], width: int = 8,
-                 sampler=None, overlap: bool = True):
+                 sampler=None, overlap: bool = True, prefix_cache: bool = True, prefill_chunk: int | None = None):
         if not 0 < width <= runner.max_slots:
             raise ValueError(f"a batch of {width} sequences: this runner runs 1 to {runner.max_slots} at once")
+        self.prefill_chunk = runner.prefill_chunk if prefill_chunk is None else prefill_chunk
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {self.prefill_chunk}")
+        self.prefix_cache = prefix_cache
         self.runner, self.cache, self.eos_ids, self.decode = runner, runner.cache, eos_ids, decode
         self.sampler = sampler or runner.backend.sampler()
         self.overlap = overlap and self.sampler.overlaps
         self.width = width
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}    # lane -> sequence
+        self.prefilling: deque[Sequence] = deque()  # running sequences whose prompt is not all prefilled, oldest first
         self.last_decode_batch = 0                # sequences in the last decode step (for metrics)
         self.pending: _Launch | None = None       # an overlapped decode whose tokens are still on the device
         self._in_flight: dict[Sequence, int] = {}
@@ -115,6 +135,9 @@ class Scheduler:
                              f"context of {self.runner.max_seq} tokens")
         seq = Sequence(prompt, cfg, self.decode)
         self.cache.check_fits(seq.cache_tokens)
+        if self.prefix_cache and (prompt.image_rows is None or prompt.image_keys is not None):
+            seq.prefix = block_hashes(prompt.token_ids, self.cache.layout.block_size, prompt.image_rows,
+                                      prompt.image_keys)
         if cfg.max_new_tokens == 0:
             seq.finish_reason = "length"
         else:
@@ -147,6 +170,7 @@ class Scheduler:
 
     def _step(self) -> list[tuple[Sequence, str]]:
         events = self._admit()
+        events += self._prefill()
         overlap = self.overlap and not any(s.cfg.host_paced for s in self.running.values())
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
@@ -161,10 +185,13 @@ class Scheduler:
         return events
 
     def _admit(self) -> list[tuple[Sequence, str]]:
+        """Give waiting sequences a lane and cache pages (cached prefix pages included), in order."""
         events = []
         while self.waiting and len(self.running) < self.width:
             seq = self.waiting[0]
-            if not self.cache.can_take(seq.cache_tokens):
+            # the last prompt token is always prefilled: its logits give the first answer token
+            lookup = seq.prefix[:(len(seq.prompt.token_ids) - 1) // self.cache.layout.block_size]
+            if not self.cache.can_take(seq.cache_tokens, lookup):
                 if not self.running and self.pending is None:  # nothing here will free pages: someone else holds them
                     self.waiting.popleft()
                     seq.error = CacheFull(f"the KV cache has no room for {seq.cache_tokens} tokens: other "
@@ -175,20 +202,50 @@ class Scheduler:
                     continue
                 break  # waits, in order, for running sequences to give pages back
             self.waiting.popleft()
-            seq.slot = self.cache.take(seq.cache_tokens)
+            if self.prefix_cache:
+                seq.slot, seq.prefilled = self.cache.take_prefix(seq.cache_tokens, lookup)
+            else:
+                seq.slot = self.cache.take(seq.cache_tokens)
+            seq.cached_tokens = seq.prefilled
             seq.lane = len(self.running)  # lanes stay dense: 0..running-1
             self.running[seq.lane] = seq
-            t0 = time.perf_counter()
+            self.prefilling.append(seq)
+        return events
+
+    def _prefill(self) -> list[tuple[Sequence, str]]:
+        """Prefill up to `prefill_chunk` prompt tokens, oldest prompts first (every waiting token
+        when no sequence is decoding: then nobody waits on the chunks); a prompt that is done
+        gets its first token and its full blocks are kept in the prefix cache."""
+        decoding = any(not seq.prefilling for seq in self.running.values())
+        events, budget = [], self.prefill_chunk if decoding else self.runner.max_seq * len(self.prefilling)
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            p = seq.prompt
+            start = seq.prefilled
+            end = min(len(p.token_ids), start + budget)
+            if seq._prefill_start is None:
+                seq._prefill_start = time.perf_counter()  # until its first token, steps between chunks included
             try:
-                p = seq.prompt
-                logits = self.runner.prefill(p.token_ids, seq.slot, p.image_features, p.image_rows)
+                features = rows = None
+                if p.image_rows is not None:
+                    lo, hi = np.searchsorted(p.image_rows, [start, end])
+                    if hi > lo:
+                        features, rows = p.image_features[lo:hi], p.image_rows[lo:hi] - start
+                logits = self.runner.prefill(p.token_ids[start:end], seq.slot, features, rows, start=start)
             except Exception as e:  # e.g. image features that don't fit: fail this sequence alone
                 seq.error = e
                 events.append((seq, self._finish(seq, "error")))
                 continue
+            budget -= end - start
+            seq.prefilled = end
+            if seq.prefilling:
+                continue
+            self.prefilling.popleft()
+            if self.prefix_cache:
+                self.cache.remember(seq.slot, seq.prefix)
             [token] = self.sampler.choose(logits, [seq])
             seq._decode_start = time.perf_counter()
-            seq.prefill_s = seq._decode_start - t0
+            seq.prefill_s = seq._decode_start - seq._prefill_start
             if self._next_tokens is not None:  # the overlapped decode in flight did not have it
                 self.sampler.put(self._next_tokens, seq.lane, token)
             events.append((seq, self._advance(seq, token)))
@@ -197,7 +254,7 @@ class Scheduler:
     def _launch(self, overlap: bool) -> _Launch | None:
         """Send one decode step for every running sequence that may still need a token."""
         seqs = {lane: seq for lane, seq in self.running.items()
-                if len(seq.tokens) + self._in_flight.get(seq, 0) < seq.cfg.max_new_tokens}
+                if not seq.prefilling and len(seq.tokens) + self._in_flight.get(seq, 0) < seq.cfg.max_new_tokens}
         if not seqs:
             return None
         lanes = range(self.runner.decode_rows(len(self.running)))
@@ -253,6 +310,8 @@ class Scheduler:
         return seq.stream.flush() if reason != "error" else ""
 
     def _release(self, seq: Sequence) -> None:
+        if seq.prefilling:
+            self.prefilling.remove(seq)
         last = self.running.pop(len(self.running) - 1)
         if last is not seq:  # the highest lane moves into the freed one: lanes stay dense
             last.lane = seq.lane

@@ -93,7 +93,15 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         running_sequences=("Sequences being generated.", engine.running),
         batch_slots=("Sequences decoded together (--max-batch).", lambda: config.max_batch),
         context_tokens=("Tokens per request (--max-context).", lambda: max_context),
-        kv_cache_free_pages=("KV-cache pages free.", lambda: pipe.runner.cache.free_pages))
+        kv_cache_free_pages=("KV-cache pages free (cached prefixes no request holds included).",
+                             lambda: pipe.runner.cache.free_pages),
+        kv_cache_cached_pages=("KV-cache pages holding a prefix for reuse.", lambda: pipe.runner.cache.cached_pages))
+    metrics.counters.update(
+        prefix_cache_hits_total=("Requests that reused a cached prompt prefix.", lambda: pipe.runner.cache.hits),
+        prefix_cache_hit_tokens_total=("Prompt tokens taken from the prefix cache instead of prefilled.",
+                                       lambda: pipe.runner.cache.hit_tokens),
+        prefix_cache_evictions_total=("Cached prefix pages given up to make room.",
+                                      lambda: pipe.runner.cache.evictions))
     model = config.model_id
 
     @asynccontextmanager
@@ -284,7 +292,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                 yield event(text_chunk(id_, model, "", item.finish_reason) if raw else
                             chunk(id_, model, {}, item.finish_reason, logprobs=logprobs(tokens) if tokens else None))
                 if include_usage:
-                    counts = usage(item.prompt_tokens, len(item.token_ids))
+                    counts = usage(item.prompt_tokens, len(item.token_ids), item.cached_tokens)
                     yield event(text_chunk(id_, model, usage_=counts) if raw else chunk(id_, model, usage_=counts))
         except ApiError as e:
             ended = True
@@ -317,9 +325,10 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             return Response(status_code=499)  # nobody reads it
         res = waiter.result()  # raises ApiError on an engine failure
         if raw:
-            return text_completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids))
+            return text_completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
+                                   res.cached_tokens)
         return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
-                          logprobs(tokens) if job.cfg.logprobs is not None else None)
+                          logprobs(tokens) if job.cfg.logprobs is not None else None, res.cached_tokens)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):

@@ -30,8 +30,8 @@ class Histogram:
 
 
 class Metrics:
-    """Counters and histograms fed by the request handlers and the engine thread; gauges
-    are read from callbacks when scraped."""
+    """Counters and histograms fed by the request handlers and the engine thread; gauges and
+    the counters kept elsewhere (the KV cache's) are read from callbacks when scraped."""
 
     def __init__(self, max_batch: int) -> None:
         self._lock = threading.Lock()
@@ -41,6 +41,7 @@ class Metrics:
         self.first_token = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(sorted({2 ** i for i in range(max_batch.bit_length()) if 2 ** i < max_batch} | {max_batch}))
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def request(self, endpoint: str, code: int) -> None:
         with self._lock:
@@ -78,8 +79,9 @@ class Metrics:
                     ("time_to_first_token_seconds", self.first_token, "Chat completion latency to the first token."),
                     ("decode_batch_size", self.batch, "Sequences in each decode step.")):
                 out += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} histogram", *hist.lines(p + name)]
-        for name, (help_, read) in self.gauges.items():
-            out += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} gauge", f"{p}{name} {_number(read())}"]
+        for kind, read_all in (("gauge", self.gauges), ("counter", self.counters)):
+            for name, (help_, read) in read_all.items():
+                out += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} {kind}", f"{p}{name} {_number(read())}"]
         return "\n".join(out) + "\n"
 
 

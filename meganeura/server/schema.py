@@ -235,9 +235,11 @@ def new_id(prefix: str = "chatcmpl-") -> str:
     return prefix + uuid.uuid4().hex
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens whose keys and values came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def token_logprobs(entries, decode) -> dict:
@@ -251,11 +253,11 @@ def token_logprobs(entries, decode) -> dict:
 
 
 def completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int, logprobs: dict | None = None) -> dict:
+               completion_tokens: int, logprobs: dict | None = None, cached_tokens: int = 0) -> dict:
     return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason, "logprobs": logprobs}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk(id_: str, model: str, delta: dict | None = None, finish_reason: str | None = None,
@@ -271,10 +273,10 @@ def chunk(id_: str, model: str, delta: dict | None = None, finish_reason: str | 
 
 
 def text_completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int) -> dict:
+                    completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def text_chunk(id_: str, model: str, text: str | None = None, finish_reason: str | None = None,
