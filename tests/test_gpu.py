@@ -144,6 +144,7 @@ def test_overlapped_scheduler_decode_equals_step_by_step(model):
         seqs = [sched.add(Prompt(p), cfg) for p in prompts]
         while not sched.idle:
             sched.step()
+        assert all(s.finish_reason != "error" for s in seqs), [s.error for s in seqs]
         sampled.append([s.tokens for s in seqs])
     assert sampled[0] == sampled[1]
 

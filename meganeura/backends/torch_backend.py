@@ -127,7 +127,7 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
     if mode == "extend":
-        return attend_slot(q, k_cache, v_cache, block_table, slots[0], positions, heads, kv_heads, q.is_cuda)
+        return attend_slot(q, k_cache, v_cache, block_table, slots[:1], positions, heads, kv_heads, q.is_cuda)
     if mode == "decode" and kernels:
         from ..kernels.decode_attention import decode_attention
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
@@ -150,7 +150,9 @@ def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_hea
     """Rows of one sequence (a prefill chunk after cached positions) over that slot's cache,
     each masked past its position. The keys are gathered as far as the rows reach (read on the
     host: free on the CPU) or, `recordable` (CUDA), over the table's columns (the runner binds
-    as many as the chunk needs), so nothing is read back and the step can be recorded."""
+    as many as the chunk needs), so nothing is read back and the step can be recorded. `slot`
+    is a one-element tensor: a 0-d tensor index is read on the host (.item()), which would
+    break a recording."""
     page_size = k_cache.shape[1]
     length = block_table.shape[1] * page_size if recordable else int(positions.max()) + 1
     tokens = torch.arange(length, device=q.device)
