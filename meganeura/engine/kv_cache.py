@@ -8,7 +8,7 @@ handed back to the OS in one piece. Each layer's graph state is a strided view
 [slots, max_blocks] that lists its pages in order; token t of slot s is row t % block_size of
 page table[s, t // block_size]. Page 0 is scratch: unused table entries point there, so rows
 that write nothing real (a prefill's padding past its pages; the rows of idle lanes in a
-fixed-width decode, which use the last slot, never handed out) land where nobody reads.
+padded decode step, which use the last slot, never handed out) land where nobody reads.
 
 Memory is allocated once, from a byte budget, and never re-allocated: compiled plans and
 recorded CUDA graphs keep pointing at it. Pages are handed out per sequence for its prompt
