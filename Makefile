@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 	$(BIN)/meganeura run --model smollm2-135m-instruct "$(PROMPT)"
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache
