@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 import meganeura
+import smolvlm2_shapes  # bench/, beside this script
 from meganeura.jobs import DEFAULT_PROMPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the tokenizer's specials
 
 SHAPES = {  # shared/SMOLVLM2_FACTS.md
-    "500m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                 num_key_value_heads=5),
+    "500m": smolvlm2_shapes.TEXT_500M,
     "256m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3),
 }
@@ -56,11 +56,8 @@ def random_checkpoint(folder: Path, shape: str):
     end = tokenizer.token_to_id("<end_of_utterance>")
     torch.manual_seed(0)
     cfg = SmolVLMConfig(
-        vision_config=dict(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
-                           num_hidden_layers=12, intermediate_size=3072, hidden_act="gelu_pytorch_tanh",
-                           layer_norm_eps=1e-6),
-        text_config=dict(model_type="llama", vocab_size=49280, rope_theta=100000.0, max_position_embeddings=8192,
-                         rms_norm_eps=1e-5, **SHAPES[shape]),
+        vision_config=smolvlm2_shapes.VISION,
+        text_config=smolvlm2_shapes.text_config(**SHAPES[shape]),
         scale_factor=4, image_token_id=tokenizer.token_to_id("<image>"), tie_word_embeddings=False,
         eos_token_id=end)
     model = SmolVLMForConditionalGeneration(cfg).eval()

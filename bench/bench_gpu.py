@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+import smolvlm2_shapes  # bench/, beside this script
 from meganeura.engine.runner import ModelRunner, ModelSpec
 from meganeura.engine.scheduler import Scheduler
 from meganeura.generate import GenerationConfig, Prompt, drain, generate_stream
@@ -34,12 +35,8 @@ def hf_model():
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
     torch.manual_seed(0)
     cfg = SmolVLMConfig(
-        vision_config=dict(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
-                           num_hidden_layers=12, intermediate_size=3072, hidden_act="gelu_pytorch_tanh",
-                           layer_norm_eps=1e-6),
-        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=960, intermediate_size=2560,
-                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, rope_theta=100000.0,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5),
+        vision_config=smolvlm2_shapes.VISION,
+        text_config=smolvlm2_shapes.text_config(),
         scale_factor=4, image_token_id=IMAGE, tie_word_embeddings=False)
     model = SmolVLMForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tokenizer of the tiny test models
 
+import smolvlm2_shapes  # noqa: E402  (bench/, beside this script)
 from meganeura.engine.runner import ModelRunner  # noqa: E402
 from meganeura.engine.scheduler import Scheduler  # noqa: E402
 from meganeura.generate import GenerationConfig, Prompt, drain, generate_stream  # noqa: E402
@@ -44,12 +45,8 @@ def smolvlm2_500m_checkpoint() -> Checkpoint:
     tokenizer.add_special_tokens(SMOLVLM_SPECIALS)
     end = tokenizer.token_to_id("<end_of_utterance>")
     config = SmolVLMConfig(
-        vision_config=dict(image_size=512, patch_size=16, hidden_size=768, num_attention_heads=12,
-                           num_hidden_layers=12, intermediate_size=3072, hidden_act="gelu_pytorch_tanh",
-                           layer_norm_eps=1e-6),
-        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=960, intermediate_size=2560,
-                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, rope_theta=100000.0,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5),
+        vision_config=smolvlm2_shapes.VISION,
+        text_config=smolvlm2_shapes.text_config(),
         scale_factor=4, image_token_id=tokenizer.token_to_id("<image>"), tie_word_embeddings=False).to_dict()
     rng = np.random.default_rng(0)
     shapes = ModelRunner(model_spec(config)).expected_parameters()
