@@ -97,7 +97,7 @@ class TextStream:
 
 def generate_stream(runner, prompts: list[Prompt], cfg: GenerationConfig, eos_ids: set[int],
                     decode: Callable[[list[int]], str], sampler=None,
-                    prefix_cache: bool | None = None) -> Iterator[tuple[int, str]]:
+                    prefix_cache: bool = True) -> Iterator[tuple[int, str]]:
     """Yield (sequence index, text piece) as tokens arrive; returns the results via StopIteration.
 
     More prompts than the batch (or the cache) holds is fine: the rest wait and join as

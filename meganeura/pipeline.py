@@ -162,7 +162,7 @@ class Encoded:
 
 class Pipeline:
     def __init__(self, checkpoint: Checkpoint, options: CompileOptions, progress: bool = True,
-                 kv_cache_bytes: int | None = None, prefix_cache: bool | None = None) -> None:
+                 kv_cache_bytes: int | None = None, prefix_cache: bool = True) -> None:
         if checkpoint.tokenizer is None:
             raise ValueError(f"{checkpoint.source}: no tokenizer (tokenizer.json) found beside the weights")
         if not checkpoint.chat_template:
@@ -193,8 +193,7 @@ class Pipeline:
                              f"{2**20}, got {seq_len!r:.30}")
         self.image_seq_len = seq_len
         self.runner = ModelRunner(self.spec, options, cache_bytes=kv_cache_bytes)
-        # reuse cached prompt prefixes and vision features (None: the runner's default)
-        self.prefix_cache = self.runner.prefix_cache_default if prefix_cache is None else prefix_cache
+        self.prefix_cache = prefix_cache  # reuse cached prompt prefixes and vision features
         self.vision_cache = FeatureCache() if self.prefix_cache and vlm else None
         self._prepared = FeatureCache(PREPARED_BYTES)  # preprocessed images by pixel content (with the caches)
         self._prepared_lock = threading.Lock()         # encode runs in the server's worker threads
@@ -452,7 +451,7 @@ def _bar(enabled: bool, what: str):
 
 def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
          progress: bool = True, kv_cache_bytes: int | None = None, quantize: str = "auto",
-         prefix_cache: bool | None = None) -> Pipeline:
+         prefix_cache: bool = True) -> Pipeline:
     """A local Hugging Face folder, a .gguf file, a Hub id, or "smollm2-135m-instruct".
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
@@ -461,8 +460,7 @@ def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     keeps a GGUF's own precision there (a Q4_1 file runs 4-bit); "none": float weights.
     `pipe.runner.weight_form` says which form was chosen and why.
     prefix_cache: reuse the keys and values of prompt prefixes seen before (system prompts, earlier
-    turns, the same image bytes) and cached vision features; False computes every prompt afresh.
-    Default: on, except on a GPU for now (engine/runner.py, RECORDED_EXTEND_CHECKED)."""
+    turns, the same image bytes) and cached vision features; False computes every prompt afresh."""
     options = compile_options(device, dtype, quantize)  # a missing GPU fails before any download
     return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
                     kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache)

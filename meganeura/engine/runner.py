@@ -42,11 +42,6 @@ from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
 PREFILL_CHUNK = {"cpu": 256, "cuda": 128}  # prompt tokens per scheduler step while others decode
-# A prefill that starts past position 0 (after a cached prefix, or a chunk) runs the "extend"
-# attention. Its recorded form (CUDA graphs) has not yet run on a GPU; until it has, a backend
-# that records prefills whole prompts and starts without the prefix cache (which can still be
-# asked for: prefix_cache=True).
-RECORDED_EXTEND_CHECKED = False
 SPAN_TOKENS = 1024  # recorded chunk prefills: one recording per this many positions of context
 MAX_SLOTS = 256    # sequences that can hold cache pages at once (block-table rows)
 
@@ -239,13 +234,7 @@ class ModelRunner:
     def prefill_chunk(self) -> int:
         """Prompt tokens the scheduler prefills per step: large enough that the products stay
         efficient, small enough that decoding sequences keep moving between chunks."""
-        if self.records and not RECORDED_EXTEND_CHECKED:
-            return self.max_seq  # whole prompts
         return PREFILL_CHUNK["cuda" if self.records else "cpu"]
-
-    @property
-    def prefix_cache_default(self) -> bool:
-        return not self.records or RECORDED_EXTEND_CHECKED
 
     def decode_rows(self, rows: int) -> int:
         if not self.records:

@@ -98,14 +98,14 @@ class _Ready:
 
 class Scheduler:
     def __init__(self, runner, eos_ids: set[int], decode: Callable[[list[int]], str], width: int = 8,
-                 sampler=None, overlap: bool = True, prefix_cache: bool | None = None,
+                 sampler=None, overlap: bool = True, prefix_cache: bool = True,
                  prefill_chunk: int | None = None):
         if not 0 < width <= runner.max_slots:
             raise ValueError(f"a batch of {width} sequences: this runner runs 1 to {runner.max_slots} at once")
         self.prefill_chunk = runner.prefill_chunk if prefill_chunk is None else prefill_chunk
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {self.prefill_chunk}")
-        self.prefix_cache = runner.prefix_cache_default if prefix_cache is None else prefix_cache
+        self.prefix_cache = prefix_cache
         self.runner, self.cache, self.eos_ids, self.decode = runner, runner.cache, eos_ids, decode
         self.sampler = sampler or runner.backend.sampler()
         self.overlap = overlap and self.sampler.overlaps
