@@ -118,17 +118,22 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
     rng = np.random.default_rng(0)
     cfg = GenerationConfig(max_new_tokens=min(1000, rt.max_seq - 200), ignore_eos=True)  # decoding all along
 
-    def one(prefill_chunk: int, seed: int) -> tuple[float, float, float, int]:
+    def one(prefill_chunk: int, seed: int) -> tuple[float, float, float, int, str]:
         sched = Scheduler(rt, set(), lambda ids: "", width=16, prefix_cache=False, prefill_chunk=prefill_chunk)
         seqs = [sched.add(Prompt(rng.integers(100, 40000, 100 + i)), cfg) for i in range(streams)]
         stamps = {s: [] for s in seqs}
 
+        labels = []  # what each step did for the long prompt: where the worst gap comes from
+
         def step():
+            before = long is not None and long.prefilling
             sched.step()
             now = time.perf_counter()
             for s in seqs:
                 if len(stamps[s]) < len(s.tokens):
                     stamps[s].append(now)
+            labels.append((now, "its last chunk" if before and not long.prefilling else "a chunk" if before else "no chunk"))
+        long = None
         for _ in range(40):  # all streams decoding, steady
             step()
         arrived = len(stamps[seqs[0]])
@@ -144,7 +149,10 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
         during = np.concatenate([np.diff(stamps[s][arrived - 1:done]) for s in seqs])
         sched.cancel_all()
         torch.cuda.synchronize()
-        return float(np.median(before)), float(during.max()), float(np.percentile(during, 90)), to_first
+        times = np.array([t for t, _ in labels[39:]])  # from the last step before it arrived
+        worst = int(np.argmax(np.diff(times))) + 1
+        where = f"step {worst} after it arrived, {labels[39 + worst][1]}"
+        return float(np.median(before)), float(during.max()), float(np.percentile(during, 90)), to_first, where
 
     chunks = [chunk] if chunk else sorted({64, rt.prefill_chunk, 256})
     chunks.append(10**6)
@@ -153,11 +161,11 @@ def itl_under_long_prompt(pipe: Pipeline, chunk: int | None, long_tokens: int = 
         one(c, seed=1)
     for r in range(2):
         for c in chunks:
-            med, worst, p90, steps = one(c, seed=2 + r)
+            med, worst, p90, steps, where = one(c, seed=2 + r)
             label = f"chunk {c}" if c < 10**6 else "whole prompt"
             print(f"round {r} {label:>13}: ITL median before {med * 1e3:6.2f} ms, during the {long_tokens}-token "
                   f"prefill max {worst * 1e3:7.2f} ms ({worst / med:5.2f}x), p90 {p90 * 1e3:6.2f} ms; "
-                  f"{steps} steps until its first token", flush=True)
+                  f"{steps} steps until its first token; worst gap at {where}", flush=True)
 
 
 def main() -> None:

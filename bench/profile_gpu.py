@@ -1,10 +1,13 @@
 """Where the GPU time goes: per-kernel totals (torch.profiler) for one vision run (13 tiles),
-one prefill (~875 tokens) and one decode step, plus recorded-replay vs whole-step timings.
-SmolVLM2-500M shapes, random weights, bf16. Guides the next optimization; see docs/perf.md.
+one prefill (~875 tokens) and one decode step, plus recorded-replay vs whole-step timings;
+with --chunk, one chunk of a long prompt's chunked prefill (the "extend" attention over the
+positions before it) beside decode steps of 8 and 16 rows. SmolVLM2-500M shapes, random
+weights, bf16. Guides the next optimization; see docs/perf.md.
 
-    python bench/profile_gpu.py
+    python bench/profile_gpu.py [--chunk]
 """
 
+import sys
 import time
 
 import numpy as np
@@ -57,6 +60,27 @@ def wall(fn, reps=20):
     return (time.perf_counter() - t) / reps
 
 
+
+
+def chunked_prefill(at: int = 3000, rows: int = 128) -> None:
+    """A `rows`-token chunk at position `at` of a 6,000-token prompt, recorded and eager."""
+    long = rt.cache.take(6144)
+    prompt = rng.integers(100, 40000, 6000)
+    rt.prefill(prompt[:at], long)
+    chunk = lambda: rt.prefill(prompt[at:at + rows], long, start=at)  # noqa: E731
+    print(f"chunk of {rows} at {at}: recorded wall {wall(chunk) * 1e3:.3f} ms")
+    slots = [rt.cache.take(1024) for _ in range(16)]
+    for n in (8, 16):
+        print(f"decode {n} rows wall {wall(lambda: rt.decode([5] * n, [900] * n, slots[:n])) * 1e3:.3f} ms")
+    s = next(v for k, v in rt._sessions.items() if k[4] == "extend")
+    s.capture, s._replay = False, None  # eager: one entry per kernel
+    print(f"chunk eager wall {wall(chunk) * 1e3:.3f} ms")
+    profiled(f"chunk of {rows} at {at} (eager)", chunk, reps=3)
+
+
+if "--chunk" in sys.argv:
+    chunked_prefill()
+    sys.exit()
 print(f"vision wall {wall(lambda: rt.encode_images(pixels)) * 1e3:.2f} ms; "
       f"prefill+vision wall {wall(prefill) * 1e3:.2f} ms")
 prefill()

@@ -127,6 +127,32 @@ def test_decode_attention(heads, kv_heads, splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,start,n,splits", [(6, 2, 70, 40, None),
+                                                           (4, 2, 250, 20, 5), (6, 3, 16, 3, 2)])
+def test_extend_attention(heads, kv_heads, start, n, splits, dtype):
+    """A chunk of n rows after `start` cached positions (a prefix, earlier chunks), padded as
+    the runner pads (extra rows repeat the last position, in the dummy slot), against the
+    reference's extend mode: each row sees keys 0..its position of the chunk's slot."""
+    from meganeura.kernels.extend_attention import extend_attention
+    d, max_seq, padded = 64, 300, -(-n // 16) * 16 + 16
+    slot, dummy = 2, 3
+    positions = np.concatenate([start + np.arange(n), np.full(padded - n, start + n - 1)])
+    slots = np.concatenate([np.full(n, slot), np.full(padded - n, dummy)])
+    q = rng.standard_normal((padded, heads * d)).astype(np.float32)
+    q = dev(q[np.minimum(np.arange(padded), n - 1)], dtype)  # padding rows ask what the last row asks
+    kc, vc, table = _paged_cache(4, max_seq, kv_heads * d, dtype)
+    out = extend_attention(q, kc, vc, dev(table, torch.int64), dev(slots, torch.int64), dev(positions, torch.int64),
+                           heads, kv_heads, splits=splits)
+    kh, vh = host(kc), host(vc)
+    at = ref.cache_index(table, slots[:n], positions[:n], PAGE)
+    expected = ref.op_cached_attention(
+        node("cached_attention", num_heads=heads, num_kv_heads=kv_heads, rope_theta=None, mode="extend"),
+        host(q)[:n], kh[at], vh[at], kh, vh, table, slots[:n], positions[:n])
+    assert rel_err(host(out)[:n], expected) < TOL[dtype]
+    assert rel_err(host(out)[n:], np.repeat(expected[-1:], padded - n, axis=0)) < TOL[dtype]  # padding: the last row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 11])
 @pytest.mark.parametrize("shape,norm,gated,residual,float_out", [
     ((100, 96), False, False, False, False), ((130, 64), True, False, False, True),

@@ -126,6 +126,9 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         v_cache[at] = v.to(v_cache.dtype)
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
+    if mode == "extend" and kernels:
+        from ..kernels.extend_attention import extend_attention
+        return extend_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
     if mode == "extend":
         return attend_slot(q, k_cache, v_cache, block_table, slots[:1], positions, heads, kv_heads, q.is_cuda)
     if mode == "decode" and kernels:
