@@ -83,6 +83,16 @@ def test_q4_1_file_runs_4bit_by_default_and_answers_paris(smollm2):
     assert "Paris" in answer.text
 
 
+
+def test_q4_1_file_in_bfloat16_answers_paris():
+    """bf16 activations beside the 4-bit weights (a user's `--dtype bfloat16` on the CPU): the
+    compact embedding rows and the bf16 KV cache meet in attention (it once crashed there)."""
+    pipe = meganeura.load("smollm2-135m-instruct", device="cpu", dtype="bfloat16", progress=False)
+    assert pipe.runner.weight_form == "int4"
+    answer = pipe.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
+    assert "Paris" in answer.text
+
+
 def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     p = torch.log_softmax(torch.from_numpy(ref_logits).double(), -1)
     q = torch.log_softmax(torch.from_numpy(logits).double(), -1)

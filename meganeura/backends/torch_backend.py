@@ -181,7 +181,8 @@ def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_
         idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
         length = int(positions[idx].max()) + 1
         pages = block_table[slot, : -(-length // k_cache.shape[1])]  # whole pages: one row gather each
-        keys, values = (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
+        # (in q's dtype: compact weights' embeddings give float32 rows beside a bf16 cache)
+        keys, values = (c[pages].flatten(0, 1)[:length].to(q.dtype) for c in (k_cache, v_cache))
         # a slot's lone row (a decode step) sees every gathered key: no mask, so SDPA reads the
         # shared kv heads itself (enable_gqa) instead of copies repeated per query head
         mask = None
