@@ -9,10 +9,13 @@ reproducible per device, not across devices. Greedy choices are identical.
 `choose` waits for its tokens; `choose_later` leaves them on the device for the next step
 (the overlapped decode) with its settings uploaded without waiting.
 
-Constrained sequences (a grammar: engine/grammar.py) are chosen by `choose` only (the scheduler
-steps one by one while one runs): their masks are computed on the host while the device still
-runs the decode step that made the logits, go up as bitmasks (vocab / 8 bytes a row), and are
-unpacked and applied on the device before the choice.
+Constrained sequences (a grammar: engine/grammar.py): their masks are computed on the host
+while the device still runs the decode step that made the logits, unpacked there into flags of
+the forbidden tokens (one vocab-sized bool row each: one upload and one fill on the device,
+fewer launches than unpacking bits there), and applied before the choice. `choose_later` takes
+them too: the overlapped scheduler sends decode k, then waits for step k-1's tokens (which move
+the grammars on), then asks for step k's choice, so the grammar's host work overlaps the
+device's decode.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import weakref
 import numpy as np
 import torch
 
+from ..engine.grammar import unpack
 from ..engine.sampler import Grammars, Logprobs, history
 
 
@@ -41,14 +45,17 @@ def settings(rows, vocab: int) -> np.ndarray:
 
 
 class _HostTokens:
-    """Token ids on their way to the host: result() waits for their copy only."""
+    """Token ids on their way to the host: result() waits for their copy only, and moves the
+    grammars of the constrained rows on."""
 
-    def __init__(self, tokens, done) -> None:
-        self.tokens, self.done = tokens, done
+    def __init__(self, tokens, done, grammars: Grammars, rows) -> None:
+        self.tokens, self.done, self.grammars, self.rows = tokens, done, grammars, rows
 
     def result(self) -> np.ndarray:
         self.done.synchronize()
-        return self.tokens.numpy().copy()
+        tokens = self.tokens.numpy().copy()
+        self.grammars.advance(self.rows, tokens)
+        return tokens
 
 
 class DeviceSampler:
@@ -60,7 +67,6 @@ class DeviceSampler:
         self._buffers: dict[tuple, tuple] = {}  # overlapped decode: device settings, pinned landing buffers
         self.grammars = Grammars()
         self.logprobs = Logprobs()
-        self._bits: dict[torch.device, torch.Tensor] = {}
 
     def generator(self, seq, device: torch.device) -> torch.Generator:
         gen = self._generators.get(seq)
@@ -105,7 +111,7 @@ class DeviceSampler:
             if x is logits:  # not the runner's buffer: masking writes in place
                 x = x.clone()
             rows, bits = masks
-            x[rows] = x[rows].masked_fill(~self.unpack(bits, x.shape[1], x.device), float("-inf"))
+            x[rows] = x[rows].masked_fill(torch.from_numpy(~unpack(bits, x.shape[1])).to(x.device), float("-inf"))
         for i, seq in enumerate(sequences):
             if seq.cfg.penalizes:
                 seen = torch.tensor(sorted(set(history(seq))), device=x.device)
@@ -122,15 +128,6 @@ class DeviceSampler:
                                      ids[:k])
         return tokens
 
-    def unpack(self, bits: np.ndarray, vocab: int, device: torch.device) -> torch.Tensor:
-        """Host bitmasks int32 [n, words] -> bool [n, vocab] on the device (bit t % 32 of word
-        t // 32 is token t)."""
-        shifts = self._bits.get(device)
-        if shifts is None:
-            shifts = self._bits[device] = torch.arange(32, dtype=torch.int32, device=device)
-        words = torch.from_numpy(bits).to(device, non_blocking=False)
-        return ((words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
-
     def token_buffer(self, rows: int) -> torch.Tensor:
         """A device buffer of next input tokens, one per row (what choose_later writes)."""
         return self.backend.from_host(np.zeros(rows), "u32")
@@ -146,27 +143,38 @@ class DeviceSampler:
     def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
         """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
         greedily) into the device buffer `into` (the next step's input tokens), without
-        waiting for the GPU: settings go up through pinned memory and the tokens come back
-        the same way. Returns a handle whose result() waits for that copy only. No
-        repetition penalty here: it needs the host's view of every token so far."""
+        waiting for the GPU: settings and grammar masks go up through pinned memory and the
+        tokens come back the same way. Returns a handle whose result() waits for that copy
+        only (and moves the rows' grammars on). No repetition penalty or logprobs here: they
+        need the host's view of every token so far."""
         key = (into.data_ptr(), into.shape[0])
+        vocab = logits.shape[1]
         if key not in self._buffers:  # two landing buffers in turn: one is read while the next copy lands
             pinned = into.is_cuda
             self._buffers[key] = (torch.zeros((3, len(rows)), device=into.device),
+                                  torch.zeros((len(rows), vocab), dtype=torch.bool, device=into.device),
                                   [torch.empty(into.shape, dtype=into.dtype, pin_memory=pinned) for _ in range(2)])
-        setting, landing = self._buffers[key]
+        setting, forbidden, landing = self._buffers[key]
+        x = logits
+        masks = self.grammars.masks(rows, vocab)
+        if masks is not None:  # every row's tokens go up (none forbidden if free): one staging shape, one fill
+            constrained, bits = masks
+            host = np.zeros((len(rows), vocab), bool)
+            host[constrained] = ~unpack(bits, vocab)
+            self.backend.write(forbidden, host, "bool")
+            x = logits.masked_fill(forbidden, float("-inf"))
         if any(samples(s) for s in rows):
-            self.backend.write(setting, settings(rows, logits.shape[1]), "f32")
-            into.copy_(self.pick(logits.float(), setting, rows))
+            self.backend.write(setting, settings(rows, vocab), "f32")
+            into.copy_(self.pick(x.float(), setting, rows))
         else:
-            into.copy_(logits.argmax(-1))
+            into.copy_(x.argmax(-1))
         landing.reverse()
         landing[0].copy_(into, non_blocking=into.is_cuda)
         if not into.is_cuda:  # a CPU stand-in (tests): the copy is already done
-            return _HostTokens(landing[0], _Done())
+            return _HostTokens(landing[0], _Done(), self.grammars, rows)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(into.device))
-        return _HostTokens(landing[0], done)
+        return _HostTokens(landing[0], done, self.grammars, rows)
 
 
 class _Done:

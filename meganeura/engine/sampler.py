@@ -72,10 +72,11 @@ class SamplingParams:
 
     @property
     def host_paced(self) -> bool:
-        """Each choice needs the previous token on the host (a penalty's history, a grammar's
-        state) or leaves something there (log-probabilities): such a sequence's steps cannot
-        run ahead of the host."""
-        return self.penalizes or self.constraint is not None or self.logprobs is not None
+        """Each choice needs every previous token on the host (a penalty's history) or leaves
+        something there (log-probabilities): such a sequence's steps cannot run ahead of the
+        host. (A grammar's mask needs the previous token only: the scheduler sends the choice
+        once it is on the host, after the next decode step.)"""
+        return self.penalizes or self.logprobs is not None
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:

@@ -23,7 +23,9 @@ With a sampler that `overlaps` (on a GPU), decoding is overlapped (unless `overl
 step k sends decode k, whose input tokens are decode k-1's device-side choices, before it
 waits for decode k-1's tokens on the host, so the GPU never idles on the host's bookkeeping. A
 sequence that stops (end token, stop string) at k-1 was computed once more at k; that row is
-dropped. A repetition penalty or a grammar needs every token on the host: while a sequence
+dropped. A grammar needs the token of k-1 to mask the choice of k: with a constrained sequence
+running, step k's choice is sent after k-1's tokens reached the host (decode k runs
+meanwhile). A repetition penalty or logprobs need every token on the host: while a sequence
 with one runs, steps go one by one.
 """
 
@@ -85,7 +87,8 @@ class _Launch:
     """A decode step sent to the device: its sequences (by lane) and their chosen tokens."""
 
     seqs: dict[int, Sequence]
-    tokens: object            # .result() -> host tokens by lane (a device handle or a _Ready)
+    tokens: object            # .result() -> host tokens by lane (a device handle or a _Ready); None: not chosen yet
+    choose: Callable[[], object] | None = None  # sends the choice (when tokens is None)
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Scheduler:
         self.pending: _Launch | None = None       # an overlapped decode whose tokens are still on the device
         self._in_flight: dict[Sequence, int] = {}
         self._next_tokens = None                  # device, one per lane: each lane's next input token
+        self._unchosen = False                    # the step just sent waits to choose (a grammar): lane moves wait too
+        self._moves: list[tuple[int, int]] = []   # (from, to) lane moves held back meanwhile
 
     @property
     def idle(self) -> bool:
@@ -179,7 +184,14 @@ class Scheduler:
         launch = self._launch(overlap)
         self.last_decode_batch = len(launch.seqs) if launch else 0
         if overlap and self.pending is not None:
+            self._unchosen = launch is not None and launch.tokens is None
             events += self._resolve(self.pending)
+            self._unchosen = False
+        if launch is not None and launch.tokens is None:  # a grammar waited for the tokens just resolved
+            launch.tokens = launch.choose()
+            for src, dst in self._moves:  # lanes that moved meanwhile: after the choice wrote them
+                self.sampler.move(self._next_tokens, src, dst)
+            self._moves.clear()
         self.pending = launch if overlap else None
         if launch is not None and not overlap:
             events += self._resolve(launch)
@@ -273,7 +285,12 @@ class Scheduler:
             if self._next_tokens is None:
                 self._next_tokens = self.sampler.token_buffer(self.runner.decode_rows(self.width))
             rows = [seqs.get(lane) for lane in lanes]
-            return _Launch(seqs, self.sampler.choose_later(logits, rows, self._next_tokens[:len(lanes)]))
+            into = self._next_tokens[:len(lanes)]
+            if any(seq is not None and seq.cfg.constraint is not None for seq in rows):
+                # chosen once the step in flight has moved the grammars on; who finished by then is a dummy row
+                return _Launch(seqs, None, lambda: self.sampler.choose_later(
+                    logits, [s if s is not None and s.finish_reason is None else None for s in rows], into))
+            return _Launch(seqs, self.sampler.choose_later(logits, rows, into))
         rows = [row for row, lane in enumerate(lanes) if lane in seqs]
         picked = logits if len(rows) == len(lanes) else logits[rows]
         chosen = self.sampler.choose(picked, [seqs[lanes[row]] for row in rows])
@@ -317,6 +334,8 @@ class Scheduler:
         if last is not seq:  # the highest lane moves into the freed one: lanes stay dense
             last.lane = seq.lane
             self.running[seq.lane] = last
-            if self._next_tokens is not None:  # its next input token moves with it, on the device
+            if self._unchosen:  # the step sent last has not chosen yet: move after it does
+                self._moves.append((len(self.running), last.lane))
+            elif self._next_tokens is not None:  # its next input token moves with it, on the device
                 self.sampler.move(self._next_tokens, len(self.running), last.lane)
         self.cache.release(seq.slot)
