@@ -25,6 +25,8 @@ CASES = [  # (module, kernel, constants)
     ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=16, BLOCK=64, PAGE=16,
                                                PDL=True)),
     ("decode_attention", "_merge_kernel", dict(H=15, D=64, SPLITS=16, SP=16, BLOCK=64, PDL=True)),
+    ("extend_attention", "_split_kernel", dict(H=15, G=3, D=64, SPLITS=8, BM=32, BLOCK=64, PAGE=16)),
+    ("extend_attention", "_merge_kernel", dict(H=15, D=64, SPLITS=8, SP=8, BM=32, BLOCK=64)),
     ("add_layer_norm", "_add_layer_norm_kernel", dict(ROWS=4, BLOCK=1024)),
     ("rms_norm", "_rms_norm_kernel", dict(BLOCK=1024)),
     ("swiglu", "_swiglu_kernel", dict(BLOCK=1024)),

@@ -87,6 +87,32 @@ def test_pages_are_shared_by_count_and_evicted_oldest_first_never_in_use():
     assert cache.take_prefix(40, b) [1] == 16      # b0 survived; b1 was given up
 
 
+def test_host_ram_follows_the_pages_in_use_plus_a_bounded_cache():
+    """In host memory the budget is address space: pages cost RAM once written. Cached pages no
+    sequence holds are kept up to a limit (oldest given back first, their RAM returned), so a
+    CPU server answering many distinct prompts does not grow toward its whole budget."""
+    psutil = pytest.importorskip("psutil")
+    page_mb, limit = 1, 32
+    layout = CacheLayout(layers=1, kv_dim=page_mb * 2**20 // (2 * BS * 4), num_blocks=801, slots=3, max_blocks=4)
+    backend = make_backend(CompileOptions(backend="torch", device="cpu"))
+    cache = KVCache(backend, layout, ["l."], max_unused_pages=limit)
+    rss = psutil.Process().memory_info().rss
+    for i in range(300):  # 300 distinct two-page prompts: 600 pages written, 600 MB without the limit
+        keys = [f"p{i}.0".encode(), f"p{i}.1".encode()]
+        slot, hit = cache.take_prefix(2 * BS, keys)
+        assert hit == 0
+        cache.storage[cache._pages[slot]] = 1.0  # the prefill writes its keys and values
+        cache.remember(slot, keys)
+        cache.release(slot)
+    grown = (psutil.Process().memory_info().rss - rss) / 2**20
+    assert cache.cached_pages == limit and cache.evictions == 600 - limit
+    assert grown < 4 * limit * page_mb, f"RSS grew {grown:.0f} MB"
+    slot, hit = cache.take_prefix(2 * BS, [b"p299.0", b"p299.1"])  # the newest are still cached
+    assert hit == 2 * BS
+    cache.release(slot)
+    whole(cache)
+
+
 def test_can_take_counts_the_unused_cached_pages_a_prefix_would_hold():
     cache = small_cache(pages=3)
     slot, _ = cache.take_prefix(32, [b"x0", b"x1"])

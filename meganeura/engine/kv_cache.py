@@ -38,6 +38,7 @@ import numpy as np
 
 BLOCK_SIZE = 16          # tokens per page
 CPU_BUDGET = 2 * 2**30   # bytes of address space; RAM is taken only by pages in use
+CPU_CACHED_BYTES = 256 * 2**20  # host RAM kept for prefixes no sequence holds (beyond it: given back)
 GPU_FRACTION = 0.2       # of the device memory free after the weights
 
 
@@ -113,7 +114,11 @@ class KVCache:
     `states` maps graph state names to the backend views the plans read and write; `table` is
     the host copy of the block table and `device_table` the backend array every plan reads."""
 
-    def __init__(self, backend, layout: CacheLayout, state_prefixes: list[str]) -> None:
+    def __init__(self, backend, layout: CacheLayout, state_prefixes: list[str],
+                 max_unused_pages: int | None = None) -> None:
+        """max_unused_pages: at most this many cached pages that no sequence holds are kept
+        (least recently used given back first: on the host their RAM goes back to the OS);
+        None: as many as the budget holds (device memory is allocated once anyway)."""
         if layout.num_blocks < 2:
             raise CacheFull("the KV-cache budget holds no page: give it more bytes")
         self.backend, self.layout = backend, layout
@@ -133,6 +138,7 @@ class KVCache:
         self._index: dict[bytes, int] = {}       # prefix key -> cached page (in use or not)
         self._key_of: dict[int, bytes] = {}      # cached page -> its key
         self._unused: OrderedDict[bytes, int] = OrderedDict()  # cached pages no slot holds, oldest use first
+        self.max_unused_pages = max_unused_pages
         self.lookups = self.hits = self.hit_tokens = self.evictions = 0   # prefix-cache counters
 
     # ---- capacity -------------------------------------------------------------------------
@@ -248,6 +254,12 @@ class KVCache:
             else:
                 heapq.heappush(self._free_pages, page)
                 forgotten.append(page)
+        while self.max_unused_pages is not None and len(self._unused) > self.max_unused_pages:
+            key, page = self._unused.popitem(last=False)
+            del self._index[key], self._key_of[page]
+            self.evictions += 1
+            heapq.heappush(self._free_pages, page)
+            forgotten.append(page)
         self.backend.forget_pages(self.storage, forgotten)
 
     def slot_tokens(self, slot: int) -> int:
@@ -263,6 +275,13 @@ def default_budget(backend, per_token: int, context: int) -> int:
     free = backend.free_memory()
     budget = CPU_BUDGET if free is None else int(free * GPU_FRACTION)
     return min(budget, useful)
+
+
+def unused_page_limit(backend, page_bytes: int) -> int | None:
+    """How many cached pages no sequence holds a cache keeps: in host memory (a budget of
+    address space, RAM used only by pages written) CPU_CACHED_BYTES of them, so a server's
+    RAM follows the tokens in use plus that; on a device, all the budget holds."""
+    return CPU_CACHED_BYTES // page_bytes if backend.free_memory() is None else None
 
 
 def release_pages(array_ptr: int, page_bytes: int, pages: list[int]) -> None:

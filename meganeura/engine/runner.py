@@ -38,7 +38,7 @@ from ..passes import optimize
 from ..plan import build_plan
 from ..session import CompileOptions, Session, Store, make_backend
 from ..weights import check_tensors
-from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget
+from .kv_cache import BLOCK_SIZE, CacheLayout, KVCache, bytes_per_token, default_budget, unused_page_limit
 
 PREFILL_ROWS = 64  # recorded prefills pad the prompt to a multiple of this many rows
 PREFILL_CHUNK = {"cpu": 256, "cuda": 128}  # prompt tokens per scheduler step while others decode
@@ -181,7 +181,8 @@ class ModelRunner:
         budget = self.cache_bytes or default_budget(self.backend, self.bytes_per_token, self.max_seq)
         pages = budget // (self.bytes_per_token * BLOCK_SIZE) + 1  # + the scratch page
         layout = CacheLayout(t.num_hidden_layers, t.kv_dim, pages, self.max_slots + 1, -(-self.max_seq // BLOCK_SIZE))
-        cache = KVCache(self.backend, layout, [self.spec.names.layer(i) for i in range(t.num_hidden_layers)])
+        cache = KVCache(self.backend, layout, [self.spec.names.layer(i) for i in range(t.num_hidden_layers)],
+                        unused_page_limit(self.backend, self.bytes_per_token * BLOCK_SIZE))
         self.store.states.update(cache.states)
         return cache
 
