@@ -377,6 +377,8 @@ def test_limits_on_videos_in_memory(samples, tmp_path):
         "a raw stream is no container": (raw, {}, "upload: not a video file FFmpeg can read as MP4/MOV"),
         "a PNG": (png := (tmp_path / "p.png"), {}, "not a video file FFmpeg can read as"),
         "empty": (b"", {}, "upload: empty file"),
+        "unknown codec": ((samples / "odd.mkv").read_bytes().replace(b"V_FFV1", b"V_QQQQ"), {},
+                          "upload: the video stream's codec is not one FFmpeg can decode"),
         "bad base64": ("data:video/mp4;base64,@@@", {}, "invalid base64 payload"),
         "no comma": ("data:video/mp4;base64", {}, "malformed data URL"),
         "too many frames": (moving, {"max_stream_frames": 50}, "upload: more than 50 frames, the limit"),

@@ -221,9 +221,11 @@ def _reason(exc: Exception) -> str:
 def _open(source: Path | VideoBytes):
     av = _av()
     try:
+        # metadata_errors: tags in any encoding (PyAV decodes them strictly as UTF-8 by default)
         if isinstance(source, VideoBytes):
-            return av.open(io.BytesIO(source.data), options={"format_whitelist": MEMORY_FORMATS})
-        return av.open(str(source))
+            return av.open(io.BytesIO(source.data), options={"format_whitelist": MEMORY_FORMATS},
+                           metadata_errors="replace")
+        return av.open(str(source), metadata_errors="replace")
     except (av.error.FFmpegError, OSError) as exc:
         if isinstance(source, VideoBytes):
             raise VideoError(f"{source}: not a video file FFmpeg can read as {_MEMORY_FORMAT_NAMES} "
@@ -259,6 +261,8 @@ def _probe(path: Path | VideoBytes, max_pixels: int | None, max_stream_frames: i
         if not container.streams.video:
             raise VideoError(f"{path}: has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV makes no decoder context for a codec FFmpeg does not know
+            raise VideoError(f"{path}: the video stream's codec is not one FFmpeg can decode")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(f"{path}: the video stream has no frame size")
