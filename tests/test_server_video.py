@@ -1,9 +1,12 @@
 """Videos over HTTP with a tiny random SmolVLM checkpoint: `video_url` and `video` parts (data
-URLs and files under --media-root) answer through the openai client as `pipe.generate` does
+URLs, files under --media-root, remote URLs) answer through the openai client as `pipe.generate` does
 with the same video, streamed or not; bad videos are 400s naming the problem; random and
 truncated video bytes never give a 500."""
 
 import base64
+import functools
+import http.server
+import threading
 
 import httpx
 import openai
@@ -48,8 +51,23 @@ def ask(part: dict, text: str = "What happens?") -> list[dict]:
     return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
 
 
-def test_video_requests_answer_like_the_pipeline(pipe, media):
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def remote(media):
+    """The media folder over loopback HTTP (for --allow-remote-media with private hosts allowed)."""
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(media)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{files.server_address[1]}"
+    files.shutdown()
+
+
+def test_video_requests_answer_like_the_pipeline(pipe, media, remote):
     client_parts = {
+        "remote URL": {"type": "video_url", "video_url": {"url": remote + "/moving.mp4"}},
         "data URL": {"type": "video_url", "video_url": {"url": video_url((media / "moving.mp4").read_bytes())}},
         "media-root file": {"type": "video_url", "video_url": {"url": "moving.mp4"}},
         "video part": {"type": "video", "video": "moving.mp4"},
@@ -59,7 +77,8 @@ def test_video_requests_answer_like_the_pipeline(pipe, media):
     fewer = pipe.generate(ask({"type": "video", "video": str(media / "long.mkv"), "max_frames": 3}),
                           max_new_tokens=TOKENS)
     assert fewer.prompt_tokens < seeking.prompt_tokens  # 3 frames, not 8
-    with serving(pipe, max_batch=2, media_root=str(media)) as url:
+    with serving(pipe, max_batch=2, media_root=str(media), allow_remote_media=True,
+                 allow_private_media_hosts=True) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
         def answer(part, stream=False, **extra):
