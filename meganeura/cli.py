@@ -369,14 +369,16 @@ def _parser() -> argparse.ArgumentParser:
                           "holds for one sequence)")
     srv.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for a slot before 429")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /health and /metrics")
-    srv.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) image and video URLs")
+    srv.add_argument("--allow-remote-media", action="store_true",
+                     help="let requests fetch http(s) image and video URLs")
     srv.add_argument("--media-root", default=None, help="let requests read image and video files inside this folder")
     srv.add_argument("--max-body-mb", type=_positive, default=32)
     srv.add_argument("--max-images", type=_count, default=4, help="images per request")
     srv.add_argument("--max-image-pixels", type=_positive, default=16_777_216, help="pixels per image or video frame")
     srv.add_argument("--max-videos", type=_count, default=2, help="videos per request (default: %(default)s)")
     srv.add_argument("--max-video-frames", type=_positive, default=64,
-                     help="frames sampled from one video, the most a request's max_frames may ask (default: %(default)s)")
+                     help="frames sampled from one video: the most a request's max_frames may ask "
+                          "(default: %(default)s)")
     srv.add_argument("--video-timeout", type=_real, default=60.0, metavar="S",
                      help="seconds to read one video: scan it and decode its sampled frames (default: %(default)s)")
     srv.add_argument("--max-remote-fetches", type=_positive, default=8,

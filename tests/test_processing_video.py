@@ -363,7 +363,8 @@ def test_bytes_and_data_urls_read_as_the_file_does(samples, name):
     path = samples / name
     data = path.read_bytes()
     by_path = open_video(path, max_frames=8)
-    for source in (data, video.VideoBytes(data, "upload"), "data:video/x-matroska;base64," + base64.b64encode(data).decode()):
+    url = "data:video/x-matroska;base64," + base64.b64encode(data).decode()
+    for source in (data, video.VideoBytes(data, "upload"), url):
         clip = open_video(source, max_frames=8)
         assert clip.indices.tolist() == by_path.indices.tolist() and clip.timestamps == by_path.timestamps
         for ours, theirs in zip(clip.frames(), by_path.frames(), strict=True):

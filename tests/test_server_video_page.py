@@ -45,7 +45,8 @@ def test_chat_page_answers_about_an_attached_video(pipe, tmp_path):
         finally:
             browser.close()
         data = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+        content = [{"type": "video_url", "video_url": {"url": data}},
+                   {"type": "text", "text": "What happens in this video?"}]
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": [
-                {"type": "video_url", "video_url": {"url": data}}, {"type": "text", "text": "What happens in this video?"}]}]})
+            "model": MODEL, "max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": content}]})
     assert answer and answer == r.json()["choices"][0]["message"]["content"]

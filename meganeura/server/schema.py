@@ -36,7 +36,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we don't use (user, logprobs=false, ...)
 
 
-class ImageURL(_Model):
+class MediaURL(_Model):
     url: Text = Field(min_length=1)
 
 
@@ -47,14 +47,14 @@ class TextPart(_Model):
 
 class ImagePart(_Model):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: MediaURL
 
 
 class VideoURLPart(_Model):
     """A video as vLLM takes it; `max_frames` (an extra) caps the frames sampled."""
 
     type: Literal["video_url"]
-    video_url: ImageURL
+    video_url: MediaURL
     max_frames: StrictInt | None = Field(None, ge=1)
 
     @property
@@ -263,8 +263,8 @@ def _explain(err: dict, loc: list) -> str:
         return f"a part needs a 'type'; {allowed}"
     if kind in ("model_type", "model_attributes_type"):
         if loc and loc[-1] in ("image_url", "video_url"):
-            kind = "image/png" if loc[-1] == "image_url" else "video/mp4"
-            return f'must be an object: {{"url": "data:{kind};base64,..."}}'
+            example = "image/png" if loc[-1] == "image_url" else "video/mp4"
+            return f'must be an object: {{"url": "data:{example};base64,..."}}'
         return "must be a JSON object"
     if kind == "list_type" and loc and loc[-1] == "content":
         return f"must be a string or a list of parts ({allowed})"
@@ -331,7 +331,10 @@ def text_logprobs(entries, decode, offset: int) -> dict:
         for token, logprob in e.top:  # most likely first: tokens decoding alike keep the likelier
             top.setdefault(decode(token), logprob)
         top.setdefault(text, e.logprob)
-        tokens.append(text), values.append(e.logprob), tops.append(top), offsets.append(offset)
+        tokens.append(text)
+        values.append(e.logprob)
+        tops.append(top)
+        offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
