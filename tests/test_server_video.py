@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import meganeura
 from fixtures.synthetic_videos import make_sample, write_video
 from fixtures.video_cases import load_reference, write_checkpoint
+from meganeura.server import ServerConfig, ServerThread, create_app
 from test_server_helpers import MODEL, png_bytes, serving
 
 pytest.importorskip("av")
@@ -186,3 +187,24 @@ def test_random_and_damaged_video_bytes_never_give_a_500(strict, clip, data):
     assert r.status_code in (200, 400), r.text
     if r.status_code == 400:
         assert r.json()["error"]["message"].startswith("video 0: "), r.text
+
+
+def test_requests_holding_videos_are_bounded_and_give_their_slots_back(pipe, media):
+    """Each request with videos holds a slot from reading them until the engine has their
+    features (the frames are big); answered, refused or failed, it gives the slot back."""
+    app = create_app(pipe, ServerConfig(model_id=MODEL, max_batch=2, media_root=str(media), max_video_requests=2))
+    video = ask({"type": "video", "video": "moving.mp4"})
+    with ServerThread(app) as url:
+        for part in ({"type": "video", "video": "missing.mp4"}, {"type": "video", "video": "big.mp4"}):
+            assert post(url, ask(part)).status_code == 400
+        for _ in range(3):  # more than the slots, one after another
+            assert post(url, video).status_code == 200
+        held = [app.state.video_slots.acquire(blocking=False) for _ in range(2)]
+        try:
+            r = post(url, video)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "videos_busy"
+            assert post(url, [{"role": "user", "content": "no video"}]).status_code == 200  # text is not held up
+        finally:
+            for _ in held:
+                app.state.video_slots.release()
+        assert post(url, video).status_code == 200

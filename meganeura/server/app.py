@@ -105,6 +105,8 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         prefix_cache_evictions_total=("Cached prefix pages given up to make room.",
                                       lambda: pipe.runner.cache.evictions))
     model = config.model_id
+    # Requests reading videos now: each holds up to --max-video-frames decoded frames in memory.
+    video_slots = threading.BoundedSemaphore(config.max_video_requests)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -116,6 +118,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="meganeura", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.engine, app.state.max_context, app.state.config = engine, max_context, config
+    app.state.video_slots = video_slots
     app.add_middleware(_CountRequests, metrics=metrics)
     app.add_middleware(TrimAfterBigBodies)
 
@@ -386,11 +389,24 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         req = await run_in_threadpool(read, body, kind)
         grammar = await run_in_threadpool(constrain, req)  # a bad schema is refused before any fetch
-        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
-        job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
+        # A request with videos holds a slot from reading them until the engine has their features.
+        videos = bool(req.videos())
+        if videos and not video_slots.acquire(blocking=False):
+            raise ApiError(429, f"the server is busy ({config.max_video_requests} requests are reading or holding "
+                                "videos): retry shortly", code="videos_busy", type_="server_busy",
+                           headers={"Retry-After": "1"})
+        try:
+            enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
+        except BaseException:
+            if videos:
+                video_slots.release()
+            raise
+        job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived,
+                  on_drop=video_slots.release if videos else None)
         try:
             engine.submit(job)
         except QueueFull:
+            job.drop_encoded()
             raise ApiError(429, f"the server is busy ({config.max_batch} requests running, {config.max_queue} "
                                 "waiting): retry shortly", code="queue_full", type_="server_busy",
                            headers={"Retry-After": "1"}) from None

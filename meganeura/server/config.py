@@ -23,6 +23,7 @@ class ServerConfig:
     max_video_frames: int = 64            # frames sampled from one video (a request's max_frames up to this)
     max_video_stream_frames: int = 108_000    # frames a video file may hold (an hour at 30 fps)
     video_timeout_s: float = 60.0         # reading one video: scanning it and decoding its sampled frames
+    max_video_requests: int = 2           # requests reading videos at once (each holds its frames); one more: 429
     remote_timeout_s: float = 10.0        # all of one request's remote images, redirects included
     max_remote_fetches: int = 8           # requests fetching remote images at once; one more gets 429
     allow_private_media_hosts: bool = False   # fetch loopback, private, link-local... addresses too
@@ -33,7 +34,8 @@ class ServerConfig:
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_image_pixels", "max_media_bytes",
-                     "max_remote_fetches", "max_connections", "max_video_frames", "max_video_stream_frames"):
+                     "max_remote_fetches", "max_connections", "max_video_frames", "max_video_stream_frames",
+                     "max_video_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_videos < 0:
