@@ -260,6 +260,8 @@ def cmd_serve(args) -> None:
                           allow_remote_media=args.allow_remote_media, media_root=args.media_root,
                           max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
                           max_image_pixels=args.max_image_pixels, max_remote_fetches=args.max_remote_fetches,
+                          max_videos=args.max_videos, max_video_frames=args.max_video_frames,
+                          video_timeout_s=args.video_timeout,
                           allow_private_media_hosts=args.allow_private_media_hosts,
                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                           keep_alive_s=args.keep_alive, max_connections=args.max_connections)
@@ -367,11 +369,18 @@ def _parser() -> argparse.ArgumentParser:
                           "holds for one sequence)")
     srv.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for a slot before 429")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /health and /metrics")
-    srv.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) image URLs")
-    srv.add_argument("--media-root", default=None, help="let requests read image files inside this folder")
+    srv.add_argument("--allow-remote-media", action="store_true",
+                     help="let requests fetch http(s) image and video URLs")
+    srv.add_argument("--media-root", default=None, help="let requests read image and video files inside this folder")
     srv.add_argument("--max-body-mb", type=_positive, default=32)
     srv.add_argument("--max-images", type=_count, default=4, help="images per request")
-    srv.add_argument("--max-image-pixels", type=_positive, default=16_777_216, help="pixels per image")
+    srv.add_argument("--max-image-pixels", type=_positive, default=16_777_216, help="pixels per image or video frame")
+    srv.add_argument("--max-videos", type=_count, default=2, help="videos per request (default: %(default)s)")
+    srv.add_argument("--max-video-frames", type=_positive, default=64,
+                     help="frames sampled from one video: the most a request's max_frames may ask "
+                          "(default: %(default)s)")
+    srv.add_argument("--video-timeout", type=_real, default=60.0, metavar="S",
+                     help="seconds to read one video: scan it and decode its sampled frames (default: %(default)s)")
     srv.add_argument("--max-remote-fetches", type=_positive, default=8,
                      help="requests fetching remote images at once; one more gets 429 (default: %(default)s)")
     srv.add_argument("--allow-private-media-hosts", action="store_true",

@@ -285,6 +285,8 @@ class Pipeline:
     def _open_video(self, part: VideoSource) -> VideoClip:
         if part.source is None:
             raise VideoError("a video part has no source: give it a 'video', 'url' or 'path'")
+        if isinstance(part.source, VideoClip):  # opened already (the server does, with its limits)
+            return part.source
         return open_video(part.source, self.video_config, max_frames=part.max_frames, fps=part.fps)
 
     def _too_long(self, length: int, videos: list[VideoClip]) -> str:

@@ -9,7 +9,9 @@ the chat template) are compared live.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import wave
 
 import numpy as np
@@ -348,3 +350,57 @@ def test_bad_videos_fail_clearly(tmp_path):
             clip = open_video(source, **options)
             list(clip.frames())
             pytest.fail(f"{name}: no error")
+
+
+# --------------------------------------------------------------------------------------
+# Videos in memory (uploads) and the limits on reading one
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["moving.mp4", "odd.mkv", "tall.mov", "long.mkv"])
+def test_bytes_and_data_urls_read_as_the_file_does(samples, name):
+    """long.mkv is sampled by seeking, which the in-memory reader must support too."""
+    path = samples / name
+    data = path.read_bytes()
+    by_path = open_video(path, max_frames=8)
+    url = "data:video/x-matroska;base64," + base64.b64encode(data).decode()
+    for source in (data, video.VideoBytes(data, "upload"), url):
+        clip = open_video(source, max_frames=8)
+        assert clip.indices.tolist() == by_path.indices.tolist() and clip.timestamps == by_path.timestamps
+        for ours, theirs in zip(clip.frames(), by_path.frames(), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_limits_on_videos_in_memory(samples, tmp_path):
+    moving = (samples / "moving.mp4").read_bytes()
+    raw = write_video(tmp_path / "raw.h264", 10, 64, 48, rate=10, codec="libx264").read_bytes()
+    cases = {
+        "a raw stream is no container": (raw, {}, "upload: not a video file FFmpeg can read as MP4/MOV"),
+        "a PNG": (png := (tmp_path / "p.png"), {}, "not a video file FFmpeg can read as"),
+        "empty": (b"", {}, "upload: empty file"),
+        "unknown codec": ((samples / "odd.mkv").read_bytes().replace(b"V_FFV1", b"V_QQQQ"), {},
+                          "upload: the video stream's codec is not one FFmpeg can decode"),
+        "bad base64": ("data:video/mp4;base64,@@@", {}, "invalid base64 payload"),
+        "no comma": ("data:video/mp4;base64", {}, "malformed data URL"),
+        "too many frames": (moving, {"max_stream_frames": 50}, "upload: more than 50 frames, the limit"),
+        "too slow": (moving, {"time_limit_s": 1e-9}, "upload: not read within the time limit of 1e-09 s"),
+    }
+    Image.new("RGB", (8, 8)).save(png)
+    for name, (source, options, message) in cases.items():
+        if isinstance(source, video.Path):
+            source = source.read_bytes()
+        if isinstance(source, bytes):
+            source = video.VideoBytes(source, "upload")
+        with pytest.raises(VideoError, match=re.escape(message)):
+            list(open_video(source, max_frames=20, fps=100, **options).frames())
+            pytest.fail(f"{name}: no error")
+
+
+def test_frames_larger_than_the_header_said_are_refused_as_decoded(tmp_path):
+    """An H.264 stream may change its frame size after the header the limit was checked on."""
+    small = write_video(tmp_path / "small.h264", 10, 64, 48, rate=10, codec="libx264").read_bytes()
+    big = write_video(tmp_path / "big.h264", 10, 128, 96, rate=10, codec="libx264").read_bytes()
+    (tmp_path / "grows.h264").write_bytes(small + big)
+    clip = open_video(tmp_path / "grows.h264", max_frames=20, fps=100, max_pixels=64 * 48)
+    with pytest.raises(VideoError, match="grows.h264: frames are 128x96 = 12288 pixels, above the limit of 3072"):
+        list(clip.frames())

@@ -328,7 +328,8 @@ TEXT = {"type": "text", "text": "hi"}
 
 @pytest.mark.parametrize("body, says", [
     (parts(TEXT, {"type": "audio"}), "messages.0.content.1: unknown part type 'audio'; allowed: text, image_url"),
-    (parts({"type": "video_url", "video_url": {"url": "x"}}), "messages.0.content.0: unknown part type 'video_url'"),
+    (parts({"type": "video_url", "video_url": {"url": "x"}}), "video 0: local file paths are not allowed"),
+    (parts({"type": "video", "video": "x", "max_frames": 0}), "messages.0.content.0.max_frames: Input should be"),
     (parts({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}),
      'messages.0.content.0.image_url: must be an object: {"url": '),
     (parts({"type": "image_url", "image_url": {"url": ""}}), "messages.0.content.0.image_url.url: String should"),

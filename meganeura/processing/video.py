@@ -23,12 +23,23 @@ LANCZOS, which differs from torch's by 1-2/255 on about 1% of pixels.
 
 A video may also be a list of frames (any image source). As in the reference, such frames
 are all kept (no sampling) and time-stamped at 24 fps unless the caller gives the rate.
+
+A video may also be bytes in memory (:class:`VideoBytes`, or a ``data:`` URL): uploads, which
+the server reads without temporary files. Those are opened only as the common video
+containers (``MEMORY_FORMATS``): other FFmpeg demuxers (playlists, concat lists, image
+sequences) may open further files or URLs named inside the data. Reading a video can be bounded
+in time (``time_limit_s``), frame count and frame size, all checked as the packets and
+pictures come, so a hostile file fails with a VideoError instead of running on.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import functools
+import io
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -47,6 +58,7 @@ from .image import (
 
 __all__ = [
     "VideoError",
+    "VideoBytes",
     "VideoProcessorConfig",
     "video_config_dict",
     "VideoInfo",
@@ -63,10 +75,52 @@ _ABSOLUTE_MAX_EDGE = 4096
 DEFAULT_FRAME_LIST_FPS = 24.0
 # PIL resampling code -> torch interpolate mode; both run on uint8 in torchvision's resize.
 _TORCH_MODES = {1: "lanczos", 3: "bicubic"}
+# Demuxers allowed for videos read from memory (FFmpeg's format_whitelist; a demuxer is allowed
+# when any of its names is listed), and how errors name them.
+MEMORY_FORMATS = "mov,matroska,avi,mpegts,mpeg,flv,asf,ogg"
+_MEMORY_FORMAT_NAMES = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS/PS, FLV, WMV/ASF or Ogg"
 
 
 class VideoError(ValueError):
     """A video source could not be read or sampled."""
+
+
+@dataclass(frozen=True)
+class VideoBytes:
+    """A video file held in memory, and the name its errors give it."""
+
+    data: bytes
+    name: str = "<video bytes>"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def from_data_url(cls, url: str, name: str | None = None) -> "VideoBytes":
+        """The bytes of a ``data:<type>;base64,<data>`` URL (any media type: the bytes are probed)."""
+        header, sep, payload = url.partition(",")
+        name = name or f"<data URL {header[:60]}>"
+        if not sep or not header[:5].lower() == "data:" or not header.lower().endswith(";base64"):
+            raise VideoError(f"{name}: malformed data URL {url[:40]!r}...: expected 'data:video/<type>;base64,<data>'")
+        try:
+            return cls(base64.b64decode(payload, validate=True), name)
+        except (binascii.Error, ValueError) as exc:
+            raise VideoError(f"{name}: invalid base64 payload ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    seconds: float
+    at: float     # time.monotonic()
+
+    @classmethod
+    def start(cls, seconds: float | None) -> "_Deadline | None":
+        return None if seconds is None else cls(seconds, time.monotonic() + seconds)
+
+    def check(self, source) -> None:
+        if time.monotonic() > self.at:
+            raise VideoError(f"{source}: not read within the time limit of {self.seconds:g} s: send a shorter or "
+                             "smaller video, or sample fewer frames")
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +196,11 @@ def _av():
     return av
 
 
-def _check_path(source: str | Path) -> Path:
+def _check_source(source: str | Path | VideoBytes) -> Path | VideoBytes:
+    if isinstance(source, VideoBytes):
+        if not source.data:
+            raise VideoError(f"{source}: empty file")
+        return source
     if isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):
         raise VideoError(f"remote URLs are not allowed here: {source!r}; download the video and pass a local path")
     path = Path(source)
@@ -160,22 +218,41 @@ def _reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def _open(path: Path):
+def _open(source: Path | VideoBytes):
     av = _av()
     try:
-        return av.open(str(path))
+        # metadata_errors: tags in any encoding (PyAV decodes them strictly as UTF-8 by default)
+        if isinstance(source, VideoBytes):
+            return av.open(io.BytesIO(source.data), options={"format_whitelist": MEMORY_FORMATS},
+                           metadata_errors="replace")
+        return av.open(str(source), metadata_errors="replace")
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(f"{path}: not a video file FFmpeg can read ({_reason(exc)})") from None
+        if isinstance(source, VideoBytes):
+            raise VideoError(f"{source}: not a video file FFmpeg can read as {_MEMORY_FORMAT_NAMES} "
+                             f"({_reason(exc)})") from None
+        raise VideoError(f"{source}: not a video file FFmpeg can read ({_reason(exc)})") from None
 
 
-def probe_video(source: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoInfo:
+def _check_size(source, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoError(f"{source}: frames are {width}x{height} = {width * height} pixels, above the limit of "
+                         f"{max_pixels}; raise max_pixels to allow it")
+
+
+def probe_video(source: str | Path | VideoBytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                max_stream_frames: int | None = None, time_limit_s: float | None = None) -> VideoInfo:
     """Scan a video file's first video stream (packets only, nothing is decoded).
 
     Raises :class:`VideoError` naming the file for anything that is not a readable video:
     a missing, empty or unreadable file, a still image, no video stream, frames above
-    ``max_pixels``, no frame rate, no frames, or fewer frames than the header promises.
+    ``max_pixels``, more than ``max_stream_frames`` frames, no frame rate, no frames, fewer
+    frames than the header promises, or a scan longer than ``time_limit_s``.
     """
-    path = _check_path(source)
+    return _probe(_check_source(source), max_pixels, max_stream_frames, _Deadline.start(time_limit_s))
+
+
+def _probe(path: Path | VideoBytes, max_pixels: int | None, max_stream_frames: int | None,
+           deadline: _Deadline | None) -> VideoInfo:
     av = _av()
     with _open(path) as container:
         kind = container.format.name
@@ -184,15 +261,19 @@ def probe_video(source: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         if not container.streams.video:
             raise VideoError(f"{path}: has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV makes no decoder context for a codec FFmpeg does not know
+            raise VideoError(f"{path}: the video stream's codec is not one FFmpeg can decode")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(f"{path}: the video stream has no frame size")
-        if max_pixels is not None and width * height > max_pixels:
-            raise VideoError(f"{path}: frames are {width}x{height} = {width * height} pixels, above the limit of "
-                             f"{max_pixels}; raise max_pixels to allow it")
+        _check_size(path, width, height, max_pixels)
         pts, ends, keys = [], [], []
         try:
             for packet in container.demux(stream):
+                if deadline:
+                    deadline.check(path)
+                if max_stream_frames is not None and len(pts) >= max_stream_frames:
+                    raise VideoError(f"{path}: more than {max_stream_frames} frames, the limit for a video here")
                 if packet.size:  # empty packets only flush the decoder
                     pts.append(packet.pts)
                     ends.append(None if packet.pts is None else packet.pts + (packet.duration or 0))
@@ -238,31 +319,43 @@ class _SeekMissed(Exception):
     """A seek landed after the frame it aimed at (the file's index is off)."""
 
 
-def _decode(path: Path, info: VideoInfo, indices: np.ndarray) -> Iterator[np.ndarray]:
+def _decode(path: Path | VideoBytes, info: VideoInfo, indices: np.ndarray, max_pixels: int | None = None,
+            deadline: _Deadline | None = None) -> Iterator[np.ndarray]:
     """RGB uint8 [H, W, 3] frames at `indices` (ascending), in order."""
     av = _av()
     done = 0
     try:
         if info.pts is not None:
             try:
-                for image in _decode_seeking(path, info, indices):
+                for image in _decode_seeking(path, info, indices, max_pixels, deadline):
                     done += 1
                     yield image
                 return
             except _SeekMissed:
                 pass  # decode the rest from the start instead
-        yield from _decode_in_order(path, indices[done:])
+        yield from _decode_in_order(path, indices[done:], max_pixels, deadline)
     except av.error.FFmpegError as exc:
         raise VideoError(f"{path}: corrupt video data ({_reason(exc)})") from None
 
 
-def _decode_in_order(path: Path, indices: np.ndarray) -> Iterator[np.ndarray]:
+def _watched(pictures, path, max_pixels: int | None, deadline: _Deadline | None):
+    """The decoder's pictures, each checked against the size and time limits: a stream may
+    change its frame size after the header, and a small file can hold a long video."""
+    for picture in pictures:
+        if deadline:
+            deadline.check(path)
+        _check_size(path, picture.width, picture.height, max_pixels)
+        yield picture
+
+
+def _decode_in_order(path: Path | VideoBytes, indices: np.ndarray, max_pixels: int | None,
+                     deadline: _Deadline | None) -> Iterator[np.ndarray]:
     wanted = set(indices.tolist())
     count = 0
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        for count, picture in enumerate(container.decode(stream), start=1):
+        for count, picture in enumerate(_watched(container.decode(stream), path, max_pixels, deadline), start=1):
             if count - 1 in wanted:
                 yield _upright(picture)
             if count - 1 == indices[-1]:
@@ -270,7 +363,8 @@ def _decode_in_order(path: Path, indices: np.ndarray) -> Iterator[np.ndarray]:
     raise VideoError(f"{path}: the video stream ends early: {count} frames decoded, frame {indices[-1]} wanted")
 
 
-def _decode_seeking(path: Path, info: VideoInfo, indices: np.ndarray) -> Iterator[np.ndarray]:
+def _decode_seeking(path: Path | VideoBytes, info: VideoInfo, indices: np.ndarray, max_pixels: int | None,
+                    deadline: _Deadline | None) -> Iterator[np.ndarray]:
     # Jump to the keyframe before a wanted frame whenever one lies ahead of the decoder: a
     # long video then costs about one group of pictures per sampled frame, not all of it.
     # Seeks aim at the keyframe's decode time, which demuxers without an index search by.
@@ -285,9 +379,8 @@ def _decode_seeking(path: Path, info: VideoInfo, indices: np.ndarray) -> Iterato
             seeking = bool(info.keyframes) and (frames is None or position < key_pts[key])
             if seeking:
                 container.seek(info.keyframes[key][1], stream=stream, backward=True)
-                frames = container.decode(stream)
-            elif frames is None:
-                frames = container.decode(stream)
+            if seeking or frames is None:
+                frames = _watched(container.decode(stream), path, max_pixels, deadline)
             for picture in frames:
                 if picture.pts is None:
                     continue
@@ -319,16 +412,18 @@ class VideoClip:
     """Which frames of a video the model sees and when they were taken. Pixels are decoded
     only by :meth:`frames`, so a prompt can be checked for length before any decoding."""
 
-    source: Path | list[Image.Image]
+    source: Path | VideoBytes | list[Image.Image]
     indices: np.ndarray                     # into the file's frames, or into the list
     timestamps: list[float]                 # seconds, one per frame
     duration: float | None                  # None for a list of frames
     info: VideoInfo | None = None
+    max_pixels: int | None = None           # decoding limits (a file's)
+    deadline: _Deadline | None = None
 
     def frames(self) -> Iterator[np.ndarray]:
         """RGB uint8 [H, W, 3] frames, in order."""
-        if isinstance(self.source, Path):
-            yield from _decode(self.source, self.info, self.indices)
+        if isinstance(self.source, (Path, VideoBytes)):
+            yield from _decode(self.source, self.info, self.indices, self.max_pixels, self.deadline)
         else:
             for i in self.indices:
                 yield np.asarray(self.source[i])
@@ -341,26 +436,35 @@ def _spread(count: int, max_frames: int | None) -> np.ndarray:
 
 
 def open_video(source: Any, config: VideoProcessorConfig | None = None, *, max_frames: int | None = None,
-               fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoClip:
-    """Probe and sample a video: a file path, a list of frames (image sources), or a
-    uint8 [frames, H, W, 3] array.
+               fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_stream_frames: int | None = None, time_limit_s: float | None = None) -> VideoClip:
+    """Probe and sample a video: a file path, bytes (:class:`VideoBytes`, ``bytes`` or a
+    ``data:`` URL), a list of frames (image sources), or a uint8 [frames, H, W, 3] array.
 
     ``max_frames`` and ``fps`` override the checkpoint's sampling for a file (the reference's
     ``num_frames`` / ``fps``). For a list of frames, ``fps`` is the rate they were taken at
     (default 24, as transformers assumes) and ``max_frames`` keeps that many, evenly spread.
+    For a file, ``max_stream_frames`` bounds the frames it may hold and ``time_limit_s`` the
+    seconds from this call to the last frame decoded by :meth:`VideoClip.frames`.
     """
     config = config or VideoProcessorConfig()
     if max_frames is not None and max_frames < 1:
         raise VideoError(f"max_frames must be at least 1, got {max_frames}")
     if fps is not None and not fps > 0:
         raise VideoError(f"fps must be positive, got {fps}")
-    if isinstance(source, (str, Path)):
-        info = probe_video(source, max_pixels=max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = VideoBytes(bytes(source))
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        source = VideoBytes.from_data_url(source)
+    if isinstance(source, (str, Path, VideoBytes)):
+        deadline = _Deadline.start(time_limit_s)
+        source = _check_source(source)
+        info = _probe(source, max_pixels, max_stream_frames, deadline)
         indices = sample_frame_indices(info, max_frames or config.max_frames, fps or config.fps)
-        return VideoClip(Path(source), indices, (indices / info.fps).tolist(), info.duration, info)
+        return VideoClip(source, indices, (indices / info.fps).tolist(), info.duration, info, max_pixels, deadline)
     if isinstance(source, np.ndarray) and source.ndim == 4:
         source = list(source)
-    if isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+    if isinstance(source, Sequence):
         if not source:
             raise VideoError("<frames>: a video given as a list of frames needs at least one frame")
         images = []
@@ -371,8 +475,8 @@ def open_video(source: Any, config: VideoProcessorConfig | None = None, *, max_f
                 raise VideoError(f"<frames> frame {i}: {exc}") from None
         indices = _spread(len(images), max_frames)
         return VideoClip(images, indices, (indices / (fps or DEFAULT_FRAME_LIST_FPS)).tolist(), None)
-    raise VideoError(f"unsupported video source type {type(source).__name__}: expected a path, a list of frames "
-                     "or a uint8 [frames, H, W, 3] array")
+    raise VideoError(f"unsupported video source type {type(source).__name__}: expected a path, bytes, a data: URL, "
+                     "a list of frames or a uint8 [frames, H, W, 3] array")
 
 
 # --------------------------------------------------------------------------------------

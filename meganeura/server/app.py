@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from ..generate import GenerationConfig
 from ..pipeline import Encoded
 from ..processing.image import load_image
+from ..processing.video import VideoBytes, VideoError, open_video
 from .config import ServerConfig, request_context
 from .connections import uvicorn_config
 from .engine import Engine, Job, QueueFull
@@ -29,12 +30,13 @@ from .fetch import FetchBusy, RemoteFetcher
 from .media import MediaError, MediaPolicy, is_remote
 from .memory import TrimAfterBigBodies
 from .metrics import CONTENT_TYPE, Metrics
-from .schema import (ChatRequest, CompletionRequest, GenerationRequest, ImagePart, chunk, completion, error_body,
-                     new_id, parse_request, text_chunk, text_completion, token_logprobs, usage)
+from .schema import (ChatRequest, CompletionRequest, GenerationRequest, ImagePart, TextPart, chunk, completion,
+                     error_body, new_id, parse_request, text_chunk, text_completion, text_logprobs, token_logprobs,
+                     usage)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                "style-src 'unsafe-inline'; img-src 'self' data: blob:",
+                "style-src 'unsafe-inline'; img-src 'self' data: blob:; media-src blob:",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
@@ -103,6 +105,8 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         prefix_cache_evictions_total=("Cached prefix pages given up to make room.",
                                       lambda: pipe.runner.cache.evictions))
     model = config.model_id
+    # Requests reading videos now: each holds up to --max-video-frames decoded frames in memory.
+    video_slots = threading.BoundedSemaphore(config.max_video_requests)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -114,6 +118,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="meganeura", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.state.engine, app.state.max_context, app.state.config = engine, max_context, config
+    app.state.video_slots = video_slots
     app.add_middleware(_CountRequests, metrics=metrics)
     app.add_middleware(TrimAfterBigBodies)
 
@@ -171,20 +176,29 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         if count > config.max_images:
             raise ApiError(400, f"{count} images in the request; this server takes at most {config.max_images}",
                            code="too_many_images")
-        if count and pipe.spec.vlm is None:
-            raise ApiError(400, f"model {model!r} reads text only: remove the image parts", code="images_not_supported")
+        videos = req.videos()
+        if len(videos) > config.max_videos:
+            raise ApiError(400, f"{len(videos)} videos in the request; this server takes at most {config.max_videos}",
+                           code="too_many_videos")
+        if (count or videos) and pipe.spec.vlm is None:
+            raise ApiError(400, f"model {model!r} reads text only: remove the image and video parts",
+                           code="images_not_supported")
+        for asked in [getattr(req, "max_frames", None)] + [v.max_frames for v in videos]:
+            if asked is not None and asked > config.max_video_frames:
+                raise ApiError(400, f"max_frames {asked}: this server samples at most {config.max_video_frames} "
+                                    "frames from a video (--max-video-frames)", code="too_many_frames")
         return req
 
     async def fetch(req: GenerationRequest) -> dict[str, bytes]:
-        remote = [url for url in req.image_urls() if is_remote(url)]
+        remote = [url for url in req.image_urls() + [v.url for v in req.videos()] if is_remote(url)]
         if not remote:
             return {}
         try:
             return await fetcher.fetch(remote)
         except MediaError as e:
-            raise ApiError(400, f"remote image: {e}", code="media_not_allowed") from None
+            raise ApiError(400, f"remote media: {e}", code="media_not_allowed") from None
         except FetchBusy as e:
-            raise ApiError(429, f"the server is busy ({e}): retry shortly or send the image as a data: URL",
+            raise ApiError(429, f"the server is busy ({e}): retry shortly or send the media as a data: URL",
                            code="fetches_busy", type_="server_busy", headers={"Retry-After": "1"}) from None
 
     def image(url: str, index: int, fetched: dict[str, bytes]):
@@ -194,6 +208,20 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"image {index}: {e}", code="media_not_allowed") from None
         except ValueError as e:
             raise ApiError(400, f"image {index}: {e}", code="invalid_image") from None
+
+    def video(part, index: int, fetched: dict[str, bytes], default_frames: int | None):
+        """A video part opened (probed and sampled; decoded later, by pipe.encode) within the limits."""
+        name = f"video {index}"
+        try:
+            source = fetched[part.url] if part.url in fetched else media.open(part.url, "video")
+            data = VideoBytes.from_data_url(source, name) if isinstance(source, str) else VideoBytes(source, name)
+            frames = min(part.max_frames or default_frames or pipe.video_config.max_frames, config.max_video_frames)
+            return open_video(data, pipe.video_config, max_frames=frames, max_pixels=config.max_image_pixels,
+                              max_stream_frames=config.max_video_stream_frames, time_limit_s=config.video_timeout_s)
+        except MediaError as e:
+            raise ApiError(400, f"{name}: {e}", code="media_not_allowed") from None
+        except ValueError as e:  # VideoError names the video
+            raise ApiError(400, str(e), code="invalid_video") from None
 
     def constrain(req: GenerationRequest):
         """The request's grammar, checked (a bad schema or regex is a 400 naming it)."""
@@ -228,27 +256,32 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         return Encoded(np.array(ids, dtype=np.int64), None, None)
 
     def encode_chat(req: ChatRequest, fetched: dict[str, bytes]) -> Encoded:
-        messages, seen = [], 0
+        messages, images, videos = [], 0, 0
         for m in req.messages:
             if isinstance(m.content, str):
                 messages.append({"role": m.role, "content": m.content})
                 continue
             parts = []
             for p in m.content:
-                if isinstance(p, ImagePart):
-                    parts.append({"type": "image", "image": image(p.image_url.url, seen, fetched)})
-                    seen += 1
-                else:
+                if isinstance(p, TextPart):
                     parts.append({"type": "text", "text": p.text})
+                elif isinstance(p, ImagePart):
+                    parts.append({"type": "image", "image": image(p.image_url.url, images, fetched)})
+                    images += 1
+                else:
+                    parts.append({"type": "video", "video": video(p, videos, fetched, req.max_frames)})
+                    videos += 1
             messages.append({"role": m.role, "content": parts})
         try:
-            return pipe.encode(messages)
+            return pipe.encode(messages)  # decodes the videos' frames: errors name the video
+        except VideoError as e:
+            raise ApiError(400, str(e), code="invalid_video") from None
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_messages") from None
 
     # ---- running a job ----------------------------------------------------------------
-    def logprobs(entries) -> dict:
-        return token_logprobs(entries, lambda token: pipe.tokenizer.decode([token], skip_special_tokens=False))
+    def token_text(token: int) -> str:
+        return pipe.tokenizer.decode([token], skip_special_tokens=False)
 
     async def answer(job: Job):
         """Text pieces (and lists of TokenLogprob when asked), then the GenerationResult; an
@@ -271,10 +304,21 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
             yield value
             return
 
-    async def stream(job: Job, id_: str, include_usage: bool, raw: bool = False):
-        """Server-sent events of a chat completion, or with `raw` of a text completion."""
+    async def stream(job: Job, id_: str, include_usage: bool, raw: bool = False, offset: int = 0):
+        """Server-sent events of a chat completion, or with `raw` of a text completion (whose
+        legacy logprobs count text offsets from `offset`, the prompt's length)."""
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def logprobs(tokens) -> dict | None:
+            nonlocal offset
+            if not tokens:
+                return None
+            if not raw:
+                return token_logprobs(tokens, token_text)
+            body = text_logprobs(tokens, token_text, offset)
+            offset = body["text_offset"][-1] + len(body["tokens"][-1])
+            return body
         ended, tokens = False, []  # tokens: log-probabilities waiting for the text they make
         try:
             if not raw:
@@ -284,13 +328,13 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                     tokens += item
                     continue
                 if isinstance(item, str):
-                    yield event(text_chunk(id_, model, item) if raw else
-                                chunk(id_, model, {"content": item}, logprobs=logprobs(tokens) if tokens else None))
+                    yield event(text_chunk(id_, model, item, logprobs=logprobs(tokens)) if raw else
+                                chunk(id_, model, {"content": item}, logprobs=logprobs(tokens)))
                     tokens = []
                     continue
                 ended = True
-                yield event(text_chunk(id_, model, "", item.finish_reason) if raw else
-                            chunk(id_, model, {}, item.finish_reason, logprobs=logprobs(tokens) if tokens else None))
+                yield event(text_chunk(id_, model, "", item.finish_reason, logprobs=logprobs(tokens)) if raw else
+                            chunk(id_, model, {}, item.finish_reason, logprobs=logprobs(tokens)))
                 if include_usage:
                     counts = usage(item.prompt_tokens, len(item.token_ids), item.cached_tokens)
                     yield event(text_chunk(id_, model, usage_=counts) if raw else chunk(id_, model, usage_=counts))
@@ -303,7 +347,7 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
                 metrics.disconnected()
         yield "data: [DONE]\n\n"
 
-    async def complete(request: Request, job: Job, id_: str, raw: bool = False):
+    async def complete(request: Request, job: Job, id_: str, raw: bool = False, offset: int = 0):
         tokens = []
 
         async def result():
@@ -324,11 +368,12 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         if not waiter.done() or waiter.cancelled():
             return Response(status_code=499)  # nobody reads it
         res = waiter.result()  # raises ApiError on an engine failure
+        asked = job.cfg.logprobs is not None
         if raw:
             return text_completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
-                                   res.cached_tokens)
+                                   res.cached_tokens, text_logprobs(tokens, token_text, offset) if asked else None)
         return completion(id_, model, res.text, res.finish_reason, res.prompt_tokens, len(res.token_ids),
-                          logprobs(tokens) if job.cfg.logprobs is not None else None, res.cached_tokens)
+                          token_logprobs(tokens, token_text) if asked else None, res.cached_tokens)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -344,21 +389,35 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         req = await run_in_threadpool(read, body, kind)
         grammar = await run_in_threadpool(constrain, req)  # a bad schema is refused before any fetch
-        enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
-        job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived)
+        # A request with videos holds a slot from reading them until the engine has their features.
+        videos = bool(req.videos())
+        if videos and not video_slots.acquire(blocking=False):
+            raise ApiError(429, f"the server is busy ({config.max_video_requests} requests are reading or holding "
+                                "videos): retry shortly", code="videos_busy", type_="server_busy",
+                           headers={"Retry-After": "1"})
+        try:
+            enc, cfg = await run_in_threadpool(prepare, req, await fetch(req), grammar)
+        except BaseException:
+            if videos:
+                video_slots.release()
+            raise
+        job = Job(enc, cfg, asyncio.get_running_loop(), arrived=arrived,
+                  on_drop=video_slots.release if videos else None)
         try:
             engine.submit(job)
         except QueueFull:
+            job.drop_encoded()
             raise ApiError(429, f"the server is busy ({config.max_batch} requests running, {config.max_queue} "
                                 "waiting): retry shortly", code="queue_full", type_="server_busy",
                            headers={"Retry-After": "1"}) from None
         id_prefix = "cmpl-" if raw else "chatcmpl-"
+        offset = len(req.prompt) if raw else 0  # OpenAI counts text_offset from the start of the prompt
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(job, new_id(id_prefix), include_usage, raw),
+            return StreamingResponse(stream(job, new_id(id_prefix), include_usage, raw, offset),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(request, job, new_id(id_prefix), raw)
+        return await complete(request, job, new_id(id_prefix), raw, offset)
 
     app.include_router(v1)
 

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..generate import GenerationConfig, GenerationResult
 
@@ -36,6 +37,14 @@ class Job:
     cancelled: bool = False               # set by the handler; the engine drops the job at its next step
     arrived: float = field(default_factory=time.perf_counter)   # when the HTTP request came in (for latency)
     logprobs_sent: int = 0                # answer tokens whose log-probabilities have been sent
+    on_drop: Callable[[], None] | None = None   # called once `encoded` is dropped (frees a video slot)
+
+    def drop_encoded(self) -> None:
+        """Forget the prompt's pixels (in the prompt's features now, or not needed any more)."""
+        self.encoded = None
+        release, self.on_drop = self.on_drop, None
+        if release is not None:
+            release()
 
     # events: ("text", str) and, when asked for, ("logprobs", [TokenLogprob]) before the text its
     # tokens made; then ("done", GenerationResult) or ("error", str)
@@ -106,6 +115,7 @@ class Engine:
         while not self.inbox.empty():
             job = self.inbox.get_nowait()
             if job is not None:
+                job.drop_encoded()
                 job.send("error", "the server is shutting down")
 
     def _admit(self) -> None:
@@ -115,17 +125,23 @@ class Engine:
                 job = self.inbox.get(block=self.scheduler.idle)
             except queue.Empty:
                 return
-            if job is None or self._stopping:
+            if job is None:
                 return
-            if job.cancelled:
+            if job.cancelled:  # its client left while it waited
+                job.drop_encoded()
                 continue
+            if self._stopping:
+                job.drop_encoded()
+                job.send("error", "the server is shutting down")
+                return
             try:
                 seq = self.scheduler.add(self.pipe.prompt(job.encoded), job.cfg)
             except Exception as e:  # only this job fails; the batch goes on
                 log.exception("could not start a request")
+                job.drop_encoded()
                 job.send("error", f"could not start the request: {e}")
                 continue
-            job.encoded = None  # the pixels are in the prompt's features now
+            job.drop_encoded()  # the pixels are in the prompt's features now
             self.jobs[seq] = job
 
     def _drop_cancelled(self) -> None:

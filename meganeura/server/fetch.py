@@ -1,4 +1,4 @@
-"""Remote image URLs (--allow-remote-media), fetched on the event loop so that a slow host
+"""Remote image and video URLs (--allow-remote-media), fetched on the event loop so that a slow host
 holds no worker thread:
 
 - one deadline for all of a request's fetches (a host trickling a byte every few seconds is
@@ -45,15 +45,15 @@ class RemoteFetcher:
     async def fetch(self, urls: list[str]) -> dict[str, bytes]:
         """The bytes behind each URL; raises MediaError (refused or failed) or FetchBusy."""
         if not self.allow:
-            raise MediaError("remote image URLs are not allowed on this server (it was started without "
-                             "--allow-remote-media): send the image as a data: URL")
+            raise MediaError("remote URLs are not allowed on this server (it was started without "
+                             "--allow-remote-media): send the image or video as a data: URL")
         if self.active >= self.max_active:
-            raise FetchBusy(f"{self.max_active} requests are fetching remote images already")
+            raise FetchBusy(f"{self.max_active} requests are fetching remote images and videos already")
         self.active += 1
         try:
             return await asyncio.wait_for(self._fetch_all(urls), self.timeout_s)
         except asyncio.TimeoutError:
-            raise MediaError(self._failed(urls[0] if len(urls) == 1 else "the remote images")) from None
+            raise MediaError(self._failed(urls[0] if len(urls) == 1 else "the remote media")) from None
         finally:
             self.active -= 1
 

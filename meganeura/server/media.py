@@ -1,4 +1,4 @@
-"""Which image URLs a request may use: data: URLs always; http(s) only with
+"""Which image and video URLs a request may use: data: URLs always; http(s) only with
 --allow-remote-media (fetched by fetch.py); local paths only with --media-root, and only
 inside it."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class MediaError(ValueError):
-    """An image URL this server will not open; the message says why."""
+    """An image or video URL this server will not open; the message says why."""
 
 
 def is_remote(url: str) -> bool:
@@ -22,21 +22,21 @@ class MediaPolicy:
         if self.root is not None and not self.root.is_dir():
             raise ValueError(f"media root {root} is not a directory")
 
-    def open(self, url: str) -> str | bytes:
-        """A source for load_image: a data: URL itself, or the bytes of a local file."""
+    def open(self, url: str, kind: str = "image") -> str | bytes:
+        """A data: URL itself, or the bytes of a local file; `kind` ("image" or "video") words the errors."""
         if url[:5].lower() == "data:":
             return url
         if "://" in url:
-            raise MediaError(f"unsupported image URL {url[:40]!r}: send a data:image/...;base64 URL")
+            raise MediaError(f"unsupported {kind} URL {url[:40]!r}: send a data:{kind}/...;base64 URL")
         try:
-            return self._local(url)
+            return self._local(url, kind)
         except OSError as e:  # a name too long, a permission, a directory loop...: the client's path
             raise MediaError(f"{url[:200]}: cannot read it ({e.strerror or e})") from None
 
-    def _local(self, path: str) -> bytes:
+    def _local(self, path: str, kind: str) -> bytes:
         if self.root is None:
             raise MediaError("local file paths are not allowed on this server (it was started without "
-                             "--media-root): send the image as a data: URL")
+                             f"--media-root): send the {kind} as a data: URL")
         given = Path(path)
         if ".." in given.parts:
             raise MediaError(f"{path}: '..' is not allowed in media paths")

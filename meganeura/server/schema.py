@@ -14,7 +14,8 @@ from pydantic_core import PydanticCustomError
 from ..engine.sampler import MAX_TOP_LOGPROBS
 from ..generate import GenerationConfig
 
-PART_TYPES = ("text", "image_url")
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' integer logprobs, as OpenAI bounds it
+PART_TYPES = ("text", "image_url", "video_url", "video")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -35,7 +36,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we don't use (user, logprobs=false, ...)
 
 
-class ImageURL(_Model):
+class MediaURL(_Model):
     url: Text = Field(min_length=1)
 
 
@@ -46,12 +47,36 @@ class TextPart(_Model):
 
 class ImagePart(_Model):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: MediaURL
+
+
+class VideoURLPart(_Model):
+    """A video as vLLM takes it; `max_frames` (an extra) caps the frames sampled."""
+
+    type: Literal["video_url"]
+    video_url: MediaURL
+    max_frames: StrictInt | None = Field(None, ge=1)
+
+    @property
+    def url(self) -> str:
+        return self.video_url.url
+
+
+class VideoPart(_Model):
+    """A video as transformers' chat messages write it, its source a URL as video_url's."""
+
+    type: Literal["video"]
+    video: Text = Field(min_length=1)
+    max_frames: StrictInt | None = Field(None, ge=1)
+
+    @property
+    def url(self) -> str:
+        return self.video
 
 
 # Tagged unions, so that an error reports only the branch the input meant: a plain union of
 # str and list would answer every bad part with "content.str: Input should be a valid string".
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+Part = Annotated[TextPart | ImagePart | VideoURLPart | VideoPart, Field(discriminator="type")]
 Content = Annotated[Annotated[Text, Tag("str")] | Annotated[list[Part], Tag("parts")],
                     Discriminator(lambda v: "str" if isinstance(v, str) else "parts")]
 
@@ -136,6 +161,15 @@ class CompletionRequest(GenerationRequest):
     """/v1/completions: a raw prompt, no chat template."""
 
     prompt: Text | list[Text]
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LEGACY_LOGPROBS)  # the legacy API's: top tokens per token
+    echo: StrictBool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise PydanticCustomError("echo", "echo is not supported: the answer is returned without the prompt")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -154,9 +188,16 @@ class CompletionRequest(GenerationRequest):
     def image_urls(self) -> list[str]:
         return []
 
+    def videos(self) -> list:
+        return []
+
     @property
     def answer_limit(self) -> int:
         return self.max_tokens or 16  # OpenAI's default for raw completions
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatRequest(GenerationRequest):
@@ -164,6 +205,7 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_frames: StrictInt | None = Field(None, ge=1)   # an extra: for the video parts that give none
 
     @field_validator("top_logprobs")
     @classmethod
@@ -192,6 +234,10 @@ class ChatRequest(GenerationRequest):
         return [p.image_url.url for m in self.messages if isinstance(m.content, list)
                 for p in m.content if isinstance(p, ImagePart)]
 
+    def videos(self) -> list[VideoURLPart | VideoPart]:
+        return [p for m in self.messages if isinstance(m.content, list)
+                for p in m.content if isinstance(p, (VideoURLPart, VideoPart))]
+
 
 def parse_request(data, kind: type[GenerationRequest] = ChatRequest) -> GenerationRequest:
     """Raises ValueError naming the first problem, e.g. "messages.0.content.1: unknown part type 'audio'"."""
@@ -216,8 +262,9 @@ def _explain(err: dict, loc: list) -> str:
     if kind == "union_tag_not_found":
         return f"a part needs a 'type'; {allowed}"
     if kind in ("model_type", "model_attributes_type"):
-        if loc and loc[-1] == "image_url":
-            return 'must be an object: {"url": "data:image/png;base64,..."}'
+        if loc and loc[-1] in ("image_url", "video_url"):
+            example = "image/png" if loc[-1] == "image_url" else "video/mp4"
+            return f'must be an object: {{"url": "data:{example};base64,..."}}'
         return "must be a JSON object"
     if kind == "list_type" and loc and loc[-1] == "content":
         return f"must be a string or a list of parts ({allowed})"
@@ -272,17 +319,38 @@ def chunk(id_: str, model: str, delta: dict | None = None, finish_reason: str | 
     return body
 
 
+def text_logprobs(entries, decode, offset: int) -> dict:
+    """The legacy `logprobs` of a raw completion from the sampler's TokenLogprob entries: each
+    token's text and log-probability, the most likely tokens by text (the chosen one always
+    among them, as OpenAI's) and the character offset where the token's text starts, counted
+    from the start of the prompt as OpenAI counts it (`offset`: where the first one starts)."""
+    tokens, values, tops, offsets = [], [], [], []
+    for e in entries:
+        text = decode(e.token)
+        top = {}
+        for token, logprob in e.top:  # most likely first: tokens decoding alike keep the likelier
+            top.setdefault(decode(token), logprob)
+        top.setdefault(text, e.logprob)
+        tokens.append(text)
+        values.append(e.logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
 def text_completion(id_: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, cached_tokens: int = 0) -> dict:
+                    completion_tokens: int, cached_tokens: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def text_chunk(id_: str, model: str, text: str | None = None, finish_reason: str | None = None,
-               usage_: dict | None = None) -> dict:
+               usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     """One streamed event of a raw completion: text, a finish reason, or (choices empty) the usage."""
-    choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+    choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason,
+                                        "logprobs": logprobs}]
     body = {"id": id_, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if usage_ is not None:
         body["usage"] = usage_
