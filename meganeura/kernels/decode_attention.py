@@ -101,6 +101,21 @@ def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.de
     return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, num_kv_heads)))
 
 
+def split_buffers(q, k_cache, v_cache, block_table, num_heads: int, splits: int):
+    """Checks the layouts the split kernels index, and makes their buffers: each split's running
+    max m and sum l [rows, H, splits] and accumulator [rows, H, splits, D] (fp32), and the output."""
+    assert q.stride(1) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    assert block_table.stride(1) == 1
+    rows, d = q.shape[0], q.shape[1] // num_heads
+    m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
+    acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
+    return m, torch.empty_like(m), acc, torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
+
+
+def dot_precision(q) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must stay exact; bf16 ignores it
+
+
 def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_heads: int, num_kv_heads: int,
                      splits: int | None = None, block: int = 64) -> torch.Tensor:
     """q [rows, H*D] (rotated, unit stride), paged caches [pages, page_size, KV*D] with
@@ -108,17 +123,12 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
     rows = q.shape[0]
     d = q.shape[1] // num_heads
     group = num_heads // num_kv_heads
-    assert q.stride(1) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
-    assert block_table.stride(1) == 1
     max_seq = block_table.shape[1] * k_cache.shape[1]
     splits = splits or default_splits(num_kv_heads, max_seq, block, q.device)
-    m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
-    out = torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
+    m, l, acc, out = split_buffers(q, k_cache, v_cache, block_table, num_heads, splits)
     if not rows:
         return out
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must stay exact; bf16 ignores it
+    precision = dot_precision(q)
     _split_kernel[(rows, num_kv_heads, splits)](
         q, k_cache, v_cache, block_table, slots, positions, m, l, acc, q.stride(0), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group,

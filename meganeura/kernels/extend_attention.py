@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attention import dot_precision, split_buffers
+
 BLOCK_ROWS = 32   # query rows per program
 BLOCK_KEYS = 64   # keys per inner step
 
@@ -107,22 +109,16 @@ def extend_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
     [slots, max_pages] -> [rows, H*D]."""
     rows = q.shape[0]
     d = q.shape[1] // num_heads
-    assert q.stride(1) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
-    assert block_table.stride(1) == 1
     max_seq = block_table.shape[1] * k_cache.shape[1]
     splits = splits or default_splits(rows, num_heads, max_seq, q.device)
-    m = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
-    out = torch.empty((rows, q.shape[1]), dtype=q.dtype, device=q.device)
+    m, l, acc, out = split_buffers(q, k_cache, v_cache, block_table, num_heads, splits)
     if not rows:
         return out
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must stay exact; bf16 ignores it
     _split_kernel[(triton.cdiv(rows, BLOCK_ROWS), num_heads, splits)](
         q, k_cache, v_cache, block_table, slots, positions, m, l, acc, rows, q.stride(0), block_table.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, G=num_heads // num_kv_heads, D=d, SPLITS=splits,
-        BM=BLOCK_ROWS, BLOCK=BLOCK_KEYS, PAGE=k_cache.shape[1], PRECISION=precision, num_warps=4)
+        k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, G=num_heads // num_kv_heads, D=d,
+        SPLITS=splits, BM=BLOCK_ROWS, BLOCK=BLOCK_KEYS, PAGE=k_cache.shape[1], PRECISION=dot_precision(q),
+        num_warps=4)
     _merge_kernel[(rows, num_heads)](m, l, acc, out, positions, rows, out.stride(0), H=num_heads, D=d,
                                      SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), BM=BLOCK_ROWS,
                                      BLOCK=BLOCK_KEYS, num_warps=2)
