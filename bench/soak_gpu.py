@@ -118,10 +118,13 @@ def soak(path: str, calls: int, notes: dict) -> None:
         return [r.token_ids for r in results]
 
     counts, batch_vs_solo, wide_vs_solo, cache_differs = {}, [0, 0], [0, 0], 0
-    # the order that broke the recorded graphs: short, then a long answer, then a wide batch
+    # the order that broke the recorded graphs: short, then a long answer, then a wide batch;
+    # then batches the row-invariant kernels must answer as solo, free and constrained
     script = [("batch", [QUESTION], dict(max_new_tokens=16)),
               ("batch", [pool[0]], dict(max_new_tokens=512, ignore_eos=True)),
-              ("batch", [rng.choice(pool) for _ in range(32)], dict(max_new_tokens=24))]
+              ("batch", [rng.choice(pool) for _ in range(32)], dict(max_new_tokens=24)),
+              ("batch", [rng.choice(pool) for _ in range(5)], dict(max_new_tokens=40)),
+              ("batch", [rng.choice(pool) for _ in range(8)], dict(max_new_tokens=24, **CONSTRAINTS[0]))]
     for i in range(calls):
         if i < len(script):
             kind, convs, settings = script[i]
