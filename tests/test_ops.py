@@ -130,10 +130,14 @@ def test_masked_cache_attention_fallback_matches_the_reference():
     assert rel_err(out.numpy(), expected) < 1e-5
 
 
-def test_cpu_decode_attention_shares_its_step_index_across_layers_and_steps():
+@pytest.mark.parametrize("one_storage", [True, False])
+def test_cpu_decode_attention_shares_its_step_index_across_layers_and_steps(one_storage):
     """The CPU path makes RoPE tables and cache coordinates once per step (the first layer) and
     reuses them while the index inputs are unchanged: two layers of one step, then a step whose
-    inputs were rewritten in place (as the runner does), each against the numpy reference."""
+    inputs were rewritten in place (as the runner does), each against the numpy reference.
+    one_storage: the KV cache's layout (pages x layers x k|v in one tensor: keys and values
+    gathered at once) and q, k, v sliced from one q|k|v product (q and k rotated at once), or
+    separate tensors."""
     torch = pytest.importorskip("torch")
     from meganeura.backends import numpy_backend as ref
     from meganeura.backends import torch_backend
@@ -150,9 +154,15 @@ def test_cpu_decode_attention_shares_its_step_index_across_layers_and_steps():
         for kc, vc in caches:
             q, k, v = f32(3, heads * d), f32(3, kv * d), f32(3, kv * d)
             expected = ref.op_cached_attention(node, q, k, v, kc, vc, table, np.array(slots), np.array(positions))
-            tc, tv = torch.from_numpy(kc.copy()), torch.from_numpy(vc.copy())
-            out = torch_backend.op_cached_attention(node, *(torch.from_numpy(a) for a in (q, k, v)), tc, tv,
-                                                    table_t, slots_t, positions_t)
+            if one_storage:
+                storage = torch.from_numpy(np.stack([kc, vc], axis=1)[:, None].repeat(3, axis=1))
+                tc, tv = storage[:, 1, 0], storage[:, 1, 1]  # [pages, layers, k|v, page, KV*d]
+            else:
+                tc, tv = torch.from_numpy(kc.copy()), torch.from_numpy(vc.copy())
+            qkv = [torch.from_numpy(a) for a in (q, k, v)]
+            if one_storage:
+                qkv = torch.cat(qkv, dim=1).split([heads * d, kv * d, kv * d], dim=1)
+            out = torch_backend.op_cached_attention(node, *qkv, tc, tv, table_t, slots_t, positions_t)
             assert rel_err(out.numpy(), expected) < 1e-5
             assert rel_err(tc.numpy(), kc) < 1e-6 and rel_err(tv.numpy(), vc) < 1e-6  # (the reference wrote kc, vc)
             kc[:], vc[:] = tc.numpy(), tv.numpy()

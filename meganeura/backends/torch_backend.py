@@ -232,12 +232,22 @@ def _rotate_cpu(x, tables):
     return (xh * cos + xh.roll(d // 2, -1) * sin_signed).reshape(x.shape)
 
 
+def _adjacent(a, b) -> bool:
+    """Is b the columns right after a's, in the same storage (q and k sliced from one q|k|v product)?"""
+    return (a.stride() == b.stride() and a.stride(1) == 1 and a.dtype == b.dtype
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.shape[1])
+
+
 def _cached_attention_cpu(q, k, v, k_cache, v_cache, block_table, slots, positions, heads, kv_heads, theta, mode):
     step = _cpu_step(block_table, slots, positions, k_cache.shape[1], q.shape[1] // heads, theta, q.dtype)
-    if step.tables is not None:
+    if step.tables is not None and _adjacent(q, k):  # rotated as one [rows, q|k] view: half the ops
+        qk = _rotate_cpu(q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride()), step.tables)
+        q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
+    elif step.tables is not None:
         q, k = _rotate_cpu(q, step.tables), _rotate_cpu(k, step.tables)
-    k_cache.index_put_(step.at, k.to(k_cache.dtype))
-    v_cache.index_put_(step.at, v.to(v_cache.dtype))
+    k_cache.index_put_(step.at, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.index_put_(step.at, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
     if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
         return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
     if mode == "extend":
@@ -250,7 +260,7 @@ def _attend_groups(q, k_cache, v_cache, groups, heads: int, kv_heads: int):
     only as far as its rows reach (the slots are read on the host: free on the CPU)."""
     out = None if len(groups) == 1 else torch.empty_like(q)
     for idx, pages, length, mask in groups:
-        keys, values = (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
+        keys, values = _gather_pages(k_cache, v_cache, pages, length)
         rows = q if out is None else q[idx]
         if mask is None and q.dtype == torch.float32 and not q.is_cuda:
             got = _attend_one_row(rows, keys, values, heads, kv_heads)
@@ -260,6 +270,19 @@ def _attend_groups(q, k_cache, v_cache, groups, heads: int, kv_heads: int):
             return got
         out[idx] = got
     return out
+
+
+def _gather_pages(k_cache, v_cache, pages, length: int):
+    """The first `length` keys and values [length, KV*d] on `pages`, whole pages gathered. One
+    gather where a layer's values sit at a fixed offset from its keys in one storage (the KV
+    cache's layout: pages x layers x k|v), else one each."""
+    delta = v_cache.storage_offset() - k_cache.storage_offset()
+    if (k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or
+            k_cache.untyped_storage().data_ptr() != v_cache.untyped_storage().data_ptr()):
+        return (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
+    both = k_cache.as_strided((2, *k_cache.shape), (delta, *k_cache.stride()))[:, pages]  # [2, pages, page, KV*d]
+    both = both.reshape(2, -1, k_cache.shape[-1])[:, :length]
+    return both[0], both[1]
 
 
 def _attend_one_row(q, keys, values, heads: int, kv_heads: int):
@@ -317,8 +340,7 @@ def _compact_linear(x, w: CompactWeight, bias, residual, float_out: bool):
     """int4/int8 weights on the CPU (cpu_weights.py). Their kernels compute each row alone (the
     same bits for 1..40 rows, tested), so no row pairs."""
     out = w.product(x)  # in the kernel's own dtype
-    if residual is not None and bias is None and not float_out and \
-            torch.promote_types(out.dtype, residual.dtype) == residual.dtype:
+    if residual is not None and bias is None and not float_out and residual.dtype in (out.dtype, torch.float32):
         # one op: rounding the product to the model's dtype first would change nothing here
         return residual + out
     out = out.to(torch.float32 if float_out else x.dtype)
