@@ -343,6 +343,7 @@ _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<
                  12: "<f8"}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # ggml's limit
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -378,13 +379,27 @@ class _Header:
         self.pos += n
         return str(self.buf[self.pos - n:self.pos], "utf-8")
 
+    def strings(self, n: int) -> list[str]:
+        """n strings in a row (a vocabulary: the loop is the hot part of reading a header)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length_at = _U64.unpack_from
+        for _ in range(n):
+            (length,) = length_at(buf, pos)
+            pos += 8
+            if length > end - pos:
+                raise ValueError(f"a string of {length} bytes at byte {pos - 8} runs past the end of the file")
+            out.append(str(buf[pos:pos + length], "utf-8"))
+            pos += length
+        self.pos = pos
+        return out
+
     def value(self, kind: int):
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item = self.take("<I")
             if item == _STRING:
-                return [self.string() for _ in range(self.count(8))]
+                return self.strings(self.count(8))
             if item not in _VALUE_DTYPES:  # (arrays of arrays: no llama file has them)
                 raise ValueError(f"unsupported array item type {item}")
             dtype = np.dtype(_VALUE_DTYPES[item])
