@@ -1,7 +1,11 @@
 """SmolLM2-135M-Instruct on the CPU: meganeura in each weight form, transformers float32 and
 llama.cpp (llama-cpp-python, optional) at F16 / Q8_0 / Q4_1, alternated in rounds.
 
-    .venv/bin/python bench/bench_cpu.py [--rounds 3] [--threads 2] [--engines a,b,...]
+    .venv/bin/python bench/bench_cpu.py [--rounds 3] [--threads 2] [--engines a,b,...] [--baseline DIR]
+
+`--baseline DIR` also runs each meganeura engine from another checkout (e.g. main's: DIR is its
+root, put first on PYTHONPATH), in the same rounds, as `meganeura-<form>@base`: before/after
+ratios from one run.
 
 Each engine runs in a fresh process per round (load time and peak RSS are its own): load,
 prefill of a 128-token prompt, 128 greedy tokens, the demo question, then the mean KL
@@ -94,7 +98,7 @@ def peak_rss_gb() -> float:
 
 # ---- one engine, in its own process ------------------------------------------------------------
 
-def run_meganeura(form: str, threads: int, gguf_dir: Path) -> dict:
+def run_meganeura(form: str, threads: int, gguf_dir: Path, label: str) -> dict:
     import torch
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -129,7 +133,7 @@ def run_meganeura(form: str, threads: int, gguf_dir: Path) -> dict:
         logits = runner.to_host(runner.prefill(long_text, slot, all_logits=True))
     finally:
         cache.release(slot)
-    np.save(gguf_dir / f"logits-meganeura-{form}.npy", logits.astype(np.float32))
+    np.save(gguf_dir / f"logits-{label}.npy", logits.astype(np.float32))
     return dict(load_s=load, prefill_tok_s=len(prompt) / prefill, decode_tok_s=(NEW_TOKENS - 1) / decode,
                 peak_rss_gb=rss, answer=answer, form=f"{runner.weight_form} ({runner.weight_form_reason})")
 
@@ -208,9 +212,9 @@ def run_llama_cpp(kind: str, threads: int, gguf_dir: Path, extra_bufts: bool) ->
 
 
 def run_one(engine: str, threads: int, gguf_dir: Path, extra_bufts: bool) -> dict:
-    family, variant = engine.split("-", 1)
+    family, variant = engine.removesuffix("@base").split("-", 1)
     if family == "meganeura":
-        return run_meganeura(variant, threads, gguf_dir)
+        return run_meganeura(variant, threads, gguf_dir, engine)
     if family == "transformers":
         return run_transformers(threads, gguf_dir)
     return run_llama_cpp(variant, threads, gguf_dir, extra_bufts)
@@ -235,6 +239,7 @@ def main() -> None:
                         help="let llama.cpp use its extra buffer types (AMX, repacked weights): for a build whose "
                              "AMX path works on this CPU (GGML_NATIVE=OFF with AVX-512 flags)")
     parser.add_argument("--work", help="a folder for the written GGUFs and logits (kept: reused by later runs)")
+    parser.add_argument("--baseline", help="another checkout's root: its meganeura runs beside this one's")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one engine, JSON out
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,6 +248,8 @@ def main() -> None:
         return
 
     engines = args.engines.split(",")
+    if args.baseline:
+        engines += [f"{e}@base" for e in engines if e.startswith("meganeura-")]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -258,10 +265,12 @@ def main() -> None:
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(args.rounds):
         for engine in engines:  # alternated: every round runs each engine once, in turn
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if engine.endswith("@base"):
+                env["PYTHONPATH"] = os.pathsep.join([str(Path(args.baseline).resolve()), env.get("PYTHONPATH", "")])
             done = subprocess.run([sys.executable, __file__, "--one", engine, "--dir", str(work),
                                    "--threads", str(args.threads)] + ["--llama-extra-bufts"] * args.llama_extra_bufts,
-                                  capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                                  capture_output=True, text=True, env=env)
             if done.returncode:
                 print(f"{engine} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -301,6 +310,10 @@ def main() -> None:
         if ours and theirs:
             print(f"meganeura {form} / llama.cpp {kind}: decode {ours[0] / theirs[0]:.2f}x, "
                   f"prefill {ours[1] / theirs[1]:.2f}x")
+    for engine in engines:
+        ours, base = medians.get(engine), medians.get(f"{engine}@base")
+        if ours and base:
+            print(f"{engine} / its baseline: decode {ours[0] / base[0]:.2f}x, prefill {ours[1] / base[1]:.2f}x")
     for engine, runs in results.items():
         if runs and "form" in runs[-1]:
             print(f"{engine}: weights {runs[-1]['form']}")

@@ -128,3 +128,50 @@ def test_masked_cache_attention_fallback_matches_the_reference():
     at = ref.cache_index(table, slots, positions, 4)
     expected = ref.op_cached_attention(node, q, kc[at], vc[at], kc.copy(), vc.copy(), table, slots, positions)
     assert rel_err(out.numpy(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("one_storage", [True, False])
+def test_cpu_decode_attention_shares_its_step_index_across_layers_and_steps(one_storage):
+    """The CPU path makes RoPE tables and cache coordinates once per step (the first layer) and
+    reuses them while the index inputs are unchanged: two layers of one step, then a step whose
+    inputs were rewritten in place (as the runner does), each against the numpy reference.
+    one_storage: the KV cache's layout (pages x layers x k|v in one tensor: keys and values
+    gathered at once) and q, k, v sliced from one q|k|v product (q and k rotated at once), or
+    separate tensors."""
+    torch = pytest.importorskip("torch")
+    from meganeura.backends import numpy_backend as ref
+    from meganeura.backends import torch_backend
+    from meganeura.graph import Node
+    heads, kv, d, page = 6, 2, 32, 4
+    node = Node("cached_attention", (), (), "f32", dict(num_heads=heads, num_kv_heads=kv, rope_theta=1e4, mode="decode"))
+    table = np.array([[1, 2, 3, 0, 0], [6, 0, 0, 0, 0], [5, 4, 7, 0, 0]])
+    table_t = torch.from_numpy(table)
+    index = torch.from_numpy(np.array([[0, 1, 2], [10, 2, 9]]))  # slots, positions: bound views of one array
+    slots_t, positions_t = index[0], index[1]
+    caches = [(f32(8, page, kv * d), f32(8, page, kv * d)) for _ in range(2)]  # two layers
+    for slots, positions in [([0, 1, 2], [10, 2, 9]), ([2, 0, 1], [10, 11, 3])]:
+        index.copy_(torch.tensor([slots, positions]))
+        for kc, vc in caches:
+            q, k, v = f32(3, heads * d), f32(3, kv * d), f32(3, kv * d)
+            expected = ref.op_cached_attention(node, q, k, v, kc, vc, table, np.array(slots), np.array(positions))
+            if one_storage:
+                storage = torch.from_numpy(np.stack([kc, vc], axis=1)[:, None].repeat(3, axis=1))
+                tc, tv = storage[:, 1, 0], storage[:, 1, 1]  # [pages, layers, k|v, page, KV*d]
+            else:
+                tc, tv = torch.from_numpy(kc.copy()), torch.from_numpy(vc.copy())
+            qkv = [torch.from_numpy(a) for a in (q, k, v)]
+            if one_storage:
+                qkv = torch.cat(qkv, dim=1).split([heads * d, kv * d, kv * d], dim=1)
+            out = torch_backend.op_cached_attention(node, *qkv, tc, tv, table_t, slots_t, positions_t)
+            assert rel_err(out.numpy(), expected) < 1e-5
+            assert rel_err(tc.numpy(), kc) < 1e-6 and rel_err(tv.numpy(), vc) < 1e-6  # (the reference wrote kc, vc)
+            kc[:], vc[:] = tc.numpy(), tv.numpy()
+
+
+def test_cpu_rms_norm_is_the_three_step_formula_bit_for_bit():
+    """The one-op float32 RMSNorm equals transformers' x * rsqrt(mean(x^2) + eps), times w."""
+    torch = pytest.importorskip("torch")
+    from meganeura.backends.torch_backend import rms_norm
+    x, w = torch.from_numpy(f32(7, 576)), torch.from_numpy(f32(576))
+    formula = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(rms_norm(x, w, 1e-5), formula)

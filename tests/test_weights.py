@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -63,9 +64,9 @@ def gguf_ckpt():
 
 @pytest.fixture(scope="module")
 def gguf_meta(gguf_ckpt):
-    from meganeura.weights.gguf_file import _metadata
+    from meganeura.weights.gguf_file import read_gguf
 
-    return _metadata(gguf.GGUFReader(gguf_ckpt.source))
+    return read_gguf(Path(gguf_ckpt.source))[0]
 
 
 @pytest.fixture(scope="module")
@@ -652,3 +653,35 @@ def test_check_tensors_does_not_decode_lazy_tensors():
     check_tensors({"a": ((2, 3), "float32")}, lazy, "mem")
     with pytest.raises(WeightsError, match=r"a: expected float32\[3, 2\], found float32\[2, 3\]"):
         check_tensors({"a": ((3, 2), "float32")}, lazy, "mem")
+
+
+def test_gguf_reader_equals_the_gguf_package(gguf_ckpt, written_ggufs):
+    """Our header walk (fast: SmolLM2's 147k tokenizer strings) reads the same metadata values
+    and types, tensor kinds, shapes and bytes as gguf.GGUFReader."""
+    from meganeura.weights.gguf_file import read_gguf
+
+    for path in (Path(gguf_ckpt.source), written_ggufs[True][0]):
+        meta, tensors = read_gguf(path)
+        reference = gguf.GGUFReader(path)
+        expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+        assert meta.keys() == expected.keys()
+        for key, value in expected.items():
+            assert meta[key] == value and type(meta[key]) is type(value), key
+        assert [t.name for t in tensors] == [t.name for t in reference.tensors]
+        for ours, theirs in zip(tensors, reference.tensors):
+            assert ours.kind == theirs.tensor_type and ours.shape == tuple(reversed(theirs.shape.tolist()))
+            assert np.array_equal(ours.data, np.asarray(theirs.data).reshape(-1).view(np.uint8))
+
+
+def test_forged_gguf_counts_are_clear_errors_at_once(tmp_path, written_ggufs):
+    """A count or length past the end of the file is refused, not looped over or allocated."""
+    raw = bytearray(written_ggufs[True][0].read_bytes())
+    forged = tmp_path / "forged.gguf"
+    for at, what in ((8, "tensor count"), (16, "key/value count"), (24 + 8 + len("general.architecture") + 4, "string length")):
+        bad = bytearray(raw)
+        bad[at:at + 8] = struct.pack("<Q", 2**62)
+        forged.write_bytes(bytes(bad))
+        start = time.perf_counter()
+        with pytest.raises(WeightsError, match=r"forged\.gguf: not a readable GGUF file"):
+            load_checkpoint(forged, progress=False)
+        assert time.perf_counter() - start < 5, what

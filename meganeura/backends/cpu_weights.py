@@ -38,7 +38,8 @@ class CompactWeight:
     shape: tuple[int, int]
     lookups = False
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x @ w.T, in out_dtype or else the kernel's own (no extra cast)."""
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -63,7 +64,8 @@ def _pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 
 
 def _int4_product(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
-    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed[0], GROUP, packed[1])[:, :n]
+    out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed[0], GROUP, packed[1])
+    return out if out.shape[1] == n else out[:, :n]
 
 
 def _per_group(t: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,9 @@ class Int4Weight(CompactWeight):
                 self.codes = self.scales = self.mins = None
         return self._packed
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return _int4_product(x, self.packed(), self.shape[0]).to(out_dtype)
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = _int4_product(x, self.packed(), self.shape[0])  # bfloat16
+        return out if out_dtype is None else out.to(out_dtype)
 
     def effective(self) -> torch.Tensor:
         """The float32 weight the product multiplies by: scale and zero rounded to bf16, as
@@ -134,10 +137,11 @@ class Int8Weight(CompactWeight):
                 self.values = self.scales = None
         return self._packed
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         high, low = self.packed()
         n = self.shape[0]
-        return (_int4_product(x, high, n).float() + _int4_product(x, low, n).float()).to(out_dtype)
+        out = _int4_product(x, high, n).float() + _int4_product(x, low, n).float()
+        return out if out_dtype is None else out.to(out_dtype)
 
     def effective(self) -> torch.Tensor:
         scale = _per_group(self.scales.to(torch.bfloat16).float())

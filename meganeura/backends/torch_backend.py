@@ -110,6 +110,9 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
     a = node.attrs
     heads, kv_heads, theta, mode = a["num_heads"], a["num_kv_heads"], a["rope_theta"], a["mode"]
     d = q.shape[1] // heads
+    if not q.is_cuda:
+        return _cached_attention_cpu(q, k, v, k_cache, v_cache, block_table, slots, positions, heads, kv_heads,
+                                     theta, mode)
     kernels = _fast(q) and _kernel_head_dim(d)
     if kernels and theta is not None:
         from ..kernels.rope_cache import rope_cache_write
@@ -136,7 +139,8 @@ def op_cached_attention(node: Node, q, k, v, k_cache, v_cache, block_table, slot
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
     if mode == "decode" and q.is_cuda:  # no kernel for this head size: stay recordable
         return attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
-    return _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads)
+    return _attend_groups(q, k_cache, v_cache, _StepIndex(block_table, slots, positions, k_cache.shape[1], d, None,
+                                                          q.dtype).groups, heads, kv_heads)
 
 
 def attend_cache_masked(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):
@@ -171,25 +175,130 @@ def attend_slot(q, k_cache, v_cache, block_table, slot, positions, heads, kv_hea
     return out.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)
 
 
-def _attend_cache(q, k_cache, v_cache, block_table, slots, positions, heads, kv_heads):
-    """Any mix of rows, one attention per slot: reads the slots on the host (free on CPU).
-    A row's keys are gathered from its pages, only as far as its slot's rows reach."""
-    out = torch.empty_like(q)
-    slot_list = slots.tolist()
-    for slot in sorted(set(slot_list)):
-        rows = [i for i, s in enumerate(slot_list) if s == slot]
-        idx = torch.tensor(rows, device=q.device) if len(rows) != len(slot_list) else slice(None)
-        length = int(positions[idx].max()) + 1
-        pages = block_table[slot, : -(-length // k_cache.shape[1])]  # whole pages: one row gather each
-        # (in q's dtype: compact weights' embeddings give float32 rows beside a bf16 cache)
-        keys, values = (c[pages].flatten(0, 1)[:length].to(q.dtype) for c in (k_cache, v_cache))
-        # a slot's lone row (a decode step) sees every gathered key: no mask, so SDPA reads the
-        # shared kv heads itself (enable_gqa) instead of copies repeated per query head
-        mask = None
-        if len(rows) > 1:
-            mask = (torch.arange(length, device=q.device)[None, :] <= positions[idx][:, None])[None, None]
-        out[idx] = _sdpa(q[idx][None], keys[None], values[None], heads, kv_heads, mask=mask)[0]
+class _StepIndex:
+    """What every layer of one step shares, made once by its first layer (on the CPU): RoPE's cos and
+    signed sin for each row, where each row's key and value go in the cache, and (decode) each
+    slot's rows and the pages its keys are on. Rebuilt per layer, these were ~2/3 of a decode
+    layer's attention time (docs/perf.md)."""
+
+    def __init__(self, block_table, slots, positions, page_size: int, d: int, theta, dtype) -> None:
+        self.block_table, self.slots, self.positions, self.page_size = block_table, slots, positions, page_size
+        self.tables = None
+        if theta is not None:
+            cos, sin = rope_tables(positions, d, theta, dtype)
+            # rotate-half as a roll: x * cos + roll(x) * [-sin | sin] is x * cos + [-x2 | x1] * sin, bit for bit
+            self.tables = cos, torch.cat([-sin[..., : d // 2], sin[..., d // 2:]], dim=-1)
+        self.at = cache_index(block_table, slots, positions, page_size)
+
+    @functools.cached_property
+    def groups(self) -> list:
+        """(rows, pages, length, mask) per slot: rows a slice when the slot has them all; mask
+        None for a slot's lone row (it sees every gathered key)."""
+        slot_list, pos_list = self.slots.tolist(), self.positions.tolist()
+        out = []
+        for slot in sorted(set(slot_list)):
+            rows = [i for i, s in enumerate(slot_list) if s == slot]
+            idx = slice(None) if len(rows) == len(slot_list) else torch.tensor(rows, device=self.slots.device)
+            length = max(pos_list[i] for i in rows) + 1
+            pages = self.block_table[slot, : -(-length // self.page_size)]  # whole pages: one row gather each
+            mask = None
+            if len(rows) > 1:
+                tokens = torch.arange(length, device=self.slots.device)
+                mask = (tokens[None, :] <= self.positions[idx][:, None])[None, None]
+            out.append((idx, pages, length, mask))
+        return out
+
+
+_last_step: list = [None, None]  # (key, _StepIndex) of the latest CPU step
+
+
+def _cpu_step(block_table, slots, positions, page_size: int, d: int, theta, dtype) -> _StepIndex:
+    """The step's shared index, reused while the same index tensors hold the same values:
+    the runner rewrites its bound inputs in place, which bumps their version counters (the
+    key holds the tensors themselves, so their ids cannot be reused meanwhile)."""
+    tensors = (block_table, slots, positions)
+    try:
+        key = (tensors, tuple(t._version for t in tensors), page_size, d, theta, dtype)
+    except RuntimeError:  # tensors made under torch.inference_mode keep no version counter
+        return _StepIndex(block_table, slots, positions, page_size, d, theta, dtype)
+    last_key, step = _last_step
+    if last_key is None or not (all(a is b for a, b in zip(last_key[0], tensors)) and last_key[1:] == key[1:]):
+        step = _StepIndex(block_table, slots, positions, page_size, d, theta, dtype)
+        _last_step[:] = key, step
+    return step
+
+
+def _rotate_cpu(x, tables):
+    """Rotate-half RoPE of x [rows, heads*d] with a step's (cos, signed sin): `rotate`'s bits."""
+    cos, sin_signed = tables
+    d = cos.shape[-1]
+    xh = x.reshape(x.shape[0], -1, d)
+    return (xh * cos + xh.roll(d // 2, -1) * sin_signed).reshape(x.shape)
+
+
+def _adjacent(a, b) -> bool:
+    """Is b the columns right after a's, in the same storage (q and k sliced from one q|k|v product)?"""
+    return (a.stride() == b.stride() and a.stride(1) == 1 and a.dtype == b.dtype
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.shape[1])
+
+
+def _cached_attention_cpu(q, k, v, k_cache, v_cache, block_table, slots, positions, heads, kv_heads, theta, mode):
+    step = _cpu_step(block_table, slots, positions, k_cache.shape[1], q.shape[1] // heads, theta, q.dtype)
+    if step.tables is not None and _adjacent(q, k):  # rotated as one [rows, q|k] view: half the ops
+        qk = _rotate_cpu(q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride()), step.tables)
+        q, k = qk[:, : q.shape[1]], qk[:, q.shape[1]:]
+    elif step.tables is not None:
+        q, k = _rotate_cpu(q, step.tables), _rotate_cpu(k, step.tables)
+    k_cache.index_put_(step.at, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.index_put_(step.at, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+    if mode == "prefill":  # rows are positions 0..n-1 of one sequence: causal flash attention
+        return _sdpa(q[None], k[None], v[None], heads, kv_heads, causal=True)[0]
+    if mode == "extend":
+        return attend_slot(q, k_cache, v_cache, block_table, slots[:1], positions, heads, kv_heads, False)
+    return _attend_groups(q, k_cache, v_cache, step.groups, heads, kv_heads)
+
+
+def _attend_groups(q, k_cache, v_cache, groups, heads: int, kv_heads: int):
+    """Any mix of rows (a decode step): one attention per slot, its keys gathered from its pages
+    only as far as its rows reach (the slots are read on the host: free on the CPU).
+    (*) in the queries' dtype: a bf16 cache beside float32 rows (4-bit weights' float32
+    embeddings with --dtype bfloat16); a no-op when they match."""
+    out = None if len(groups) == 1 else torch.empty_like(q)
+    for idx, pages, length, mask in groups:
+        keys, values = (t.to(q.dtype) for t in _gather_pages(k_cache, v_cache, pages, length))  # (*)
+        rows = q if out is None else q[idx]
+        if mask is None and q.dtype == torch.float32 and not q.is_cuda:
+            got = _attend_one_row(rows, keys, values, heads, kv_heads)
+        else:  # (in half precision SDPA keeps the scores in float32)
+            got = _sdpa(rows[None], keys[None], values[None], heads, kv_heads, mask=mask)[0]
+        if out is None:
+            return got
+        out[idx] = got
     return out
+
+
+def _gather_pages(k_cache, v_cache, pages, length: int):
+    """The first `length` keys and values [length, KV*d] on `pages`, whole pages gathered. One
+    gather where a layer's values sit at a fixed offset from its keys in one storage (the KV
+    cache's layout: pages x layers x k|v), else one each."""
+    delta = v_cache.storage_offset() - k_cache.storage_offset()
+    if (delta <= 0 or k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or
+            k_cache.untyped_storage().data_ptr() != v_cache.untyped_storage().data_ptr()):
+        return (c[pages].flatten(0, 1)[:length] for c in (k_cache, v_cache))
+    both = k_cache.as_strided((2, *k_cache.shape), (delta, *k_cache.stride()))[:, pages]  # [2, pages, page, KV*d]
+    both = both.reshape(2, -1, k_cache.shape[-1])[:, :length]
+    return both[0], both[1]
+
+
+def _attend_one_row(q, keys, values, heads: int, kv_heads: int):
+    """One float32 row q [1, H*d] over keys/values [L, KV*d] as two batched products over the kv
+    heads (query head h reads kv head h // group): 27 us against SDPA's 46 us at
+    this size (150 keys, warm cache)."""
+    length, d = keys.shape[0], q.shape[1] // heads
+    qh = q.reshape(kv_heads, heads // kv_heads, d)
+    scores = torch.bmm(qh, keys.view(length, kv_heads, d).permute(1, 2, 0)).mul_(d ** -0.5)
+    return torch.bmm(scores.softmax(-1), values.view(length, kv_heads, d).transpose(0, 1)).reshape(1, -1)
 
 
 def op_linear(node: Node, x, w, *extra):
@@ -213,17 +322,16 @@ def op_linear(node: Node, x, w, *extra):
             return torch._addmm_activation(bias, x, w.T, use_gelu=True)
         # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
         return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
+    if isinstance(w, CompactWeight):
+        return _compact_linear(x, w, bias, residual, a["float_out"])
+
     def product(rows):
-        if isinstance(w, CompactWeight):  # int4/int8 on the CPU (cpu_weights.py)
-            out = w.product(rows, torch.float32 if a["float_out"] else rows.dtype)
-            return out if bias is None else out + bias
         if a["float_out"] and rows.dtype != torch.float32:
             out = _product_f32(rows, w)
             return out if bias is None else out + bias.float()
         return rows @ w.T if bias is None else torch.addmm(bias, rows, w.T)
 
-    # (compact weights' kernels compute each row alone: the same bits for 1..40 rows, tested)
-    if a["batch_invariant"] and not x.is_cuda and x.shape[0] != 2 and not isinstance(w, CompactWeight):
+    if a["batch_invariant"] and not x.is_cuda and x.shape[0] != 2:
         # The CPU's BLAS takes another kernel for one row than for several, and several rows'
         # results can depend on the row count: products of exactly two rows (a lone row is
         # doubled) give every row the same arithmetic whatever else is in the batch.
@@ -231,6 +339,20 @@ def op_linear(node: Node, x, w, *extra):
         out = torch.cat([product(p) for p in pairs])[:len(x)]
     else:
         out = product(x)
+    # the residual is added to the rounded product, as transformers adds in the model's dtype
+    return out if residual is None else out.add_(residual)
+
+
+def _compact_linear(x, w: CompactWeight, bias, residual, float_out: bool):
+    """int4/int8 weights on the CPU (cpu_weights.py). Their kernels compute each row alone (the
+    same bits for 1..40 rows, tested), so no row pairs."""
+    out = w.product(x)  # in the kernel's own dtype
+    if residual is not None and bias is None and not float_out and residual.dtype in (out.dtype, torch.float32):
+        # one op: rounding the product to the model's dtype first would change nothing here
+        return residual + out
+    out = out.to(torch.float32 if float_out else x.dtype)
+    if bias is not None:
+        out = out + bias
     # the residual is added to the rounded product, as transformers adds in the model's dtype
     return out if residual is None else out.add_(residual)
 
@@ -256,6 +378,8 @@ def rms_norm(x, w, eps: float):
     if _fast(x) and x.stride(-1) == 1:
         from ..kernels.rms_norm import rms_norm as kernel
         return kernel(x, w, eps)
+    if x.dtype == w.dtype == torch.float32:  # one op; the same bits as the three-step formula below
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * y.to(x.dtype)  # rounded before the weight, as transformers does

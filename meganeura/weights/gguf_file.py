@@ -15,7 +15,9 @@ GGUF also has no config.json or tokenizer.json: both are rebuilt from the metada
 from __future__ import annotations
 
 import re
+import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +90,6 @@ def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # metadata
-
-
-def _metadata(reader) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):  # header bookkeeping, not metadata
-            continue
-        meta[key] = field.contents()
-    return meta
 
 
 def _config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: str) -> dict:
@@ -315,16 +308,16 @@ def _check_dequantizable(qtype, name: str, source: str) -> None:
 def _tensor_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
     from gguf.quants import dequantize
 
-    qname = tensor.tensor_type.name
+    qname = tensor.kind.name
 
     def load() -> np.ndarray:
         if qname in _PLAIN:
             dtype, widen = _PLAIN[qname]
-            array = np.asarray(tensor.data).view(dtype).reshape(shape)
+            array = tensor.data.view(dtype).reshape(shape)
             if widen:
                 array = array.astype(np.float32)
         else:
-            array = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+            array = dequantize(tensor.data, tensor.kind).reshape(shape)
             array = array.astype(np.float32, copy=False)
         if n_heads is not None:
             array = unpermute_rope_rows(array, n_heads)
@@ -337,32 +330,131 @@ def _blocks_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
     """The tensor's quantized blocks, one row of blocks per weight row (permuted back like the
     values), for a backend that keeps weights quantized."""
     def blocks() -> tuple:
-        rows = np.asarray(tensor.data).reshape(shape[0], -1)
+        rows = tensor.data.reshape(shape[0], -1)
         if n_heads is not None:
             rows = unpermute_rope_rows(rows, n_heads)
-        return tensor.tensor_type.name, rows, shape
+        return tensor.kind.name, rows, shape
     return blocks
 
 
-def _reader(path: Path):
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+# GGUF value types (the format's numbering) -> numpy dtypes (little-endian); 8 and 9 are
+# strings and arrays
+_VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+                 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # ggml's limit
+_U64 = struct.Struct("<Q")
 
-    class Reader(GGUFReader):
-        # The reader maps the tensors of a truncated file as short arrays and fails on numpy's
-        # "cannot reshape"; measure where the tensor data ends first, so the error can say so.
-        def _build_tensors(self, start_offs, fields):
-            end = start_offs
-            for field in fields:
-                _, _, _, dims, raw_dtype, offset = field.parts
-                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
-                count = int(np.prod(dims.astype(object)))  # Python ints: forged sizes cannot wrap
-                end = max(end, start_offs + int(offset[0]) + count * size // block)
-            if end > len(self.data):
-                raise WeightsError(f"{path}: truncated: expected {end - start_offs} bytes of tensor data, "
-                                   f"the file has {max(0, len(self.data) - start_offs)}")
-            super()._build_tensors(start_offs, fields)
 
-    return Reader(path)
+@dataclass
+class GGUFTensor:
+    name: str
+    kind: Any          # gguf.GGMLQuantizationType
+    shape: tuple       # numpy order (GGUF lists the fastest-varying dimension first)
+    data: np.ndarray   # the stored bytes (uint8), a view of the file
+
+
+class _Header:
+    """A walk over a GGUF header: metadata and tensor infos. gguf.GGUFReader takes ~2 s over
+    SmolLM2's 147k tokenizer strings (a numpy view per string); this reads each with one
+    struct call and one slice. Malformed input raises ValueError (counts that run past the end
+    of the file included, so a forged count cannot loop for ever)."""
+
+    def __init__(self, buffer) -> None:
+        self.buf, self.pos = memoryview(buffer), 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def count(self, item_bytes: int) -> int:
+        n = self.take("<Q")
+        if n * item_bytes > len(self.buf) - self.pos:
+            raise ValueError(f"a count of {n} at byte {self.pos - 8} runs past the end of the file")
+        return n
+
+    def string(self) -> str:
+        n = self.count(1)
+        self.pos += n
+        return str(self.buf[self.pos - n:self.pos], "utf-8")
+
+    def strings(self, n: int) -> list[str]:
+        """n strings in a row (a vocabulary: the loop is the hot part of reading a header)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length_at = _U64.unpack_from
+        for _ in range(n):
+            (length,) = length_at(buf, pos)
+            pos += 8
+            if length > end - pos:
+                raise ValueError(f"a string of {length} bytes at byte {pos - 8} runs past the end of the file")
+            out.append(str(buf[pos:pos + length], "utf-8"))
+            pos += length
+        self.pos = pos
+        return out
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item = self.take("<I")
+            if item == _STRING:
+                return self.strings(self.count(8))
+            if item not in _VALUE_DTYPES:  # (arrays of arrays: no llama file has them)
+                raise ValueError(f"unsupported array item type {item}")
+            dtype = np.dtype(_VALUE_DTYPES[item])
+            n = self.count(dtype.itemsize)
+            self.pos += n * dtype.itemsize
+            return np.frombuffer(self.buf, dtype, n, self.pos - n * dtype.itemsize).tolist()
+        if kind not in _VALUE_DTYPES:
+            raise ValueError(f"unknown value type {kind}")
+        dtype = np.dtype(_VALUE_DTYPES[kind])
+        self.pos += dtype.itemsize
+        return np.frombuffer(self.buf, dtype, 1, self.pos - dtype.itemsize)[0].item()
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """The metadata and the tensors (views of the memory-mapped file) of a GGUF file."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    data = np.asarray(np.memmap(path, mode="r"))  # a plain array over the mapping: cheap slices
+    header = _Header(data)
+    if bytes(header.buf[:4]) != b"GGUF":
+        raise ValueError("no GGUF magic")
+    header.pos = 4
+    version = header.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (big-endian files read as a huge number) is not supported")
+    tensor_count, kv_count = header.count(24), header.count(13)  # the least bytes a tensor info, a key/value takes
+    meta: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = header.string()
+        meta[key] = header.value(header.take("<I"))
+    infos = []
+    for _ in range(tensor_count):
+        name = header.string()
+        n_dims = header.take("<I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [header.take("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, GGMLQuantizationType(header.take("<I")), header.take("<Q")))
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+    start = -(-header.pos // alignment) * alignment
+    tensors, end = [], start
+    for name, dims, kind, offset in infos:
+        block, size = GGML_QUANT_SIZES[kind]
+        count = int(np.prod(dims, dtype=object))  # Python ints: forged sizes cannot wrap
+        if count % block:
+            raise ValueError(f"tensor {name!r} has {count} values, not whole blocks of {block}")
+        first = start + offset
+        end = max(end, first + count // block * size)
+        tensors.append(GGUFTensor(name, kind, tuple(reversed(dims)), data[first:first + count // block * size]))
+    if end > len(data):
+        raise WeightsError(f"{path}: truncated: expected {end - start} bytes of tensor data, "
+                           f"the file has {max(0, len(data) - start)}")
+    return meta, tensors
 
 
 def load_gguf(path: str | Path) -> Checkpoint:
@@ -372,19 +464,18 @@ def load_gguf(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
     try:
-        reader = _reader(path)
+        meta, gguf_tensors = read_gguf(path)
     except WeightsError:
         raise
-    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
+    except Exception as exc:  # ValueError/struct.error/UnicodeDecodeError on bad files
         raise WeightsError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-    meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise WeightsError(
             f"{path}: GGUF architecture is {arch!r}; meganeura reads only 'llama' GGUF files "
             f"(SmolLM2 and other Llama-style decoders)"
         )
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in gguf_tensors}
     try:
         config = _config_from_metadata(meta, names, source)
     except (TypeError, ValueError) as exc:  # a size that is not a number
@@ -392,19 +483,18 @@ def load_gguf(path: str | Path) -> Checkpoint:
 
     tensors = LazyTensors(source)
     probed = set()
-    for tensor in reader.tensors:
+    for tensor in gguf_tensors:
         if tensor.name in _DERIVED:
             continue
         hf_name = hf_tensor_name(tensor.name)
         if hf_name is None:
             # Keep it under its GGUF name: check_tensors will then list it as unexpected.
             hf_name = tensor.name
-        qname = tensor.tensor_type.name
-        if qname not in _PLAIN and tensor.tensor_type not in probed:
-            _check_dequantizable(tensor.tensor_type, tensor.name, source)
-            probed.add(tensor.tensor_type)
-        # GGUF lists dimensions fastest-varying first (ne0 = row length); numpy wants the reverse.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        qname = tensor.kind.name
+        if qname not in _PLAIN and tensor.kind not in probed:
+            _check_dequantizable(tensor.kind, tensor.name, source)
+            probed.add(tensor.kind)
+        shape = tensor.shape
         n_heads = None
         if ".attn_q." in tensor.name:
             n_heads = config["num_attention_heads"]
