@@ -44,6 +44,15 @@ def settings(rows, vocab: int) -> np.ndarray:
     return out
 
 
+def forbidden(masks, rows: int, vocab: int) -> np.ndarray:
+    """Grammars' masks ((constrained rows, bitmasks): Grammars.masks) -> bool [rows, vocab],
+    True where a token is forbidden."""
+    constrained, bits = masks
+    out = np.zeros((rows, vocab), bool)
+    out[constrained] = ~unpack(bits, vocab)
+    return out
+
+
 class _HostTokens:
     """Token ids on their way to the host: result() waits for their copy only, and moves the
     grammars of the constrained rows on."""
@@ -108,10 +117,8 @@ class DeviceSampler:
             k = max(sequences[i].cfg.logprobs for i in wanted)
             top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
         if masks is not None:
-            if x is logits:  # not the runner's buffer: masking writes in place
-                x = x.clone()
-            rows, bits = masks
-            x[rows] = x[rows].masked_fill(torch.from_numpy(~unpack(bits, x.shape[1])).to(x.device), float("-inf"))
+            x = x.masked_fill(torch.from_numpy(forbidden(masks, len(sequences), x.shape[1])).to(x.device),
+                              float("-inf"))
         for i, seq in enumerate(sequences):
             if seq.cfg.penalizes:
                 seen = torch.tensor(sorted(set(history(seq))), device=x.device)
@@ -154,15 +161,12 @@ class DeviceSampler:
             self._buffers[key] = (torch.zeros((3, len(rows)), device=into.device),
                                   torch.zeros((len(rows), vocab), dtype=torch.bool, device=into.device),
                                   [torch.empty(into.shape, dtype=into.dtype, pin_memory=pinned) for _ in range(2)])
-        setting, forbidden, landing = self._buffers[key]
+        setting, flags, landing = self._buffers[key]
         x = logits
         masks = self.grammars.masks(rows, vocab)
-        if masks is not None:  # every row's tokens go up (none forbidden if free): one staging shape, one fill
-            constrained, bits = masks
-            host = np.zeros((len(rows), vocab), bool)
-            host[constrained] = ~unpack(bits, vocab)
-            self.backend.write(forbidden, host, "bool")
-            x = logits.masked_fill(forbidden, float("-inf"))
+        if masks is not None:  # every row's flags go up (none set if free): one staging shape, one fill
+            self.backend.write(flags, forbidden(masks, len(rows), vocab), "bool")
+            x = logits.masked_fill(flags, float("-inf"))
         if any(samples(s) for s in rows):
             self.backend.write(setting, settings(rows, vocab), "f32")
             into.copy_(self.pick(x.float(), setting, rows))

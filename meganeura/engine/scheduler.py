@@ -8,7 +8,7 @@ moving; with nothing decoding, whole prompts), then runs one decode step for eve
 whose prompt is done. A sequence that cannot get pages yet waits, in order; one that could
 never fit was refused by `add`.
 
-Prefix cache (the runner's default unless `prefix_cache` says; runner.py): a prompt's full blocks are looked up in the KV
+Prefix cache (unless `prefix_cache=False`): a prompt's full blocks are looked up in the KV
 cache by their keys (kv_cache.block_hashes); the cached leading blocks are not prefilled
 again, and once a prompt is prefilled its full blocks are kept for the prompts that follow.
 
