@@ -2,15 +2,12 @@
 image, ask, watch the answer stream in, ask a follow-up; the answers must equal the API's
 for the same conversation. Saves a screenshot (its path is printed)."""
 
-import shutil
-
 import httpx
 import pytest
 
-from test_server_helpers import MODEL, data_url, png_bytes, serving, user
+from test_server_helpers import CHROMIUM, MODEL, chat_page, data_url, png_bytes, serving, user
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
 
 
@@ -22,13 +19,8 @@ def pipe(tiny_vlm_pipe):
 def test_chat_page_streams_an_answer_about_a_dropped_image(pipe, tmp_path):
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_bytes(90, 60))
-    with serving(pipe, max_batch=2, max_context=512) as url, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
-            page.goto(url)
-            sync_api.expect(page.locator("#model")).to_contain_text("test-model")
-            page.fill("#max-tokens", "12")
+    with serving(pipe, max_batch=2, max_context=512) as url:
+        with chat_page(url, "test-model") as page:
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#drop img")
             page.fill("#question", "What is in this picture?")
@@ -44,8 +36,6 @@ def test_chat_page_streams_an_answer_about_a_dropped_image(pipe, tmp_path):
             shot = tmp_path / "chat-page.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
-        finally:
-            browser.close()
 
         def api(messages):
             r = httpx.post(url + "/v1/chat/completions", timeout=60,

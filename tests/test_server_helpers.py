@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,3 +96,23 @@ def metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian: apt-get install -y chromium
+
+
+@contextmanager
+def chat_page(url: str, model: str, max_tokens: int = 12):
+    """The server's chat page open in headless Chromium (Playwright), the model listed and the
+    answer length set; the browser is closed afterwards."""
+    from playwright import sync_api
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(url)
+            sync_api.expect(page.locator("#model")).to_contain_text(model)
+            page.fill("#max-tokens", str(max_tokens))
+            yield page
+        finally:
+            browser.close()

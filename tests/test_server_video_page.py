@@ -2,7 +2,6 @@
 streamed answer equals the API's for the same video sent as a data: URL video_url part."""
 
 import base64
-import shutil
 
 import httpx
 import pytest
@@ -10,11 +9,10 @@ import pytest
 import meganeura
 from fixtures.synthetic_videos import make_sample
 from fixtures.video_cases import load_reference, write_checkpoint
-from test_server_helpers import MODEL, serving
+from test_server_helpers import CHROMIUM, MODEL, chat_page, serving
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytest.importorskip("av")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
 
 
@@ -27,13 +25,8 @@ def pipe(tmp_path_factory):
 
 def test_chat_page_answers_about_an_attached_video(pipe, tmp_path):
     clip = make_sample("moving.mp4", tmp_path)
-    with serving(pipe, max_batch=2) as url, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
-            page.goto(url)
-            sync_api.expect(page.locator("#model")).to_contain_text(MODEL)
-            page.fill("#max-tokens", "12")
+    with serving(pipe, max_batch=2) as url:
+        with chat_page(url, MODEL) as page:
             page.set_input_files("#file", str(clip))
             page.wait_for_selector("#drop video")
             page.fill("#question", "What happens in this video?")
@@ -42,8 +35,6 @@ def test_chat_page_answers_about_an_attached_video(pipe, tmp_path):
             answer = page.locator(".msg.assistant span").inner_text()
             assert page.locator(".msg.user video").count() == 1  # the clip shows in the conversation
             assert page.locator(".error").count() == 0
-        finally:
-            browser.close()
         data = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
         content = [{"type": "video_url", "video_url": {"url": data}},
                    {"type": "text", "text": "What happens in this video?"}]
