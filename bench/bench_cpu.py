@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+import hf_timing  # bench/, beside this script
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT_TOKENS = NEW_TOKENS = 128
 ENGINES = ["meganeura-float32", "meganeura-bfloat16", "meganeura-int8", "meganeura-int4",
@@ -148,23 +150,15 @@ def run_transformers(threads: int, gguf_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     load = time.perf_counter() - t0
     prompt, long_text = texts(gguf_dir)
-    x = torch.tensor([prompt])
+    _, prefill, decode = hf_timing.prefill_and_decode(model, torch.tensor([prompt]), NEW_TOKENS)
     with torch.no_grad():
-        model.generate(x, max_new_tokens=4, do_sample=False)
-        t = time.perf_counter()
-        model(x)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(x, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        total = time.perf_counter() - t
         q = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**q, max_new_tokens=16, do_sample=False)
         answer = tok.decode(out[0, q["input_ids"].shape[1]:], skip_special_tokens=True)
         rss = peak_rss_gb()
         logits = model(torch.tensor([long_text])).logits[0].numpy()
     np.save(gguf_dir / "logits-transformers-float32.npy", logits)
-    return dict(load_s=load, prefill_tok_s=len(prompt) / prefill,
-                decode_tok_s=(NEW_TOKENS - 1) / max(total - prefill, 1e-9), peak_rss_gb=rss, answer=answer)
+    return dict(load_s=load, prefill_tok_s=len(prompt) / prefill, decode_tok_s=decode, peak_rss_gb=rss, answer=answer)
 
 
 def run_llama_cpp(kind: str, threads: int, gguf_dir: Path, extra_bufts: bool) -> dict:

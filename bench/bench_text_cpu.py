@@ -7,10 +7,10 @@ transformers, same prompt, same machine, fp32, greedy. Checks the tokens agree f
 import argparse
 import os
 import platform
-import time
 
 import torch
 
+import hf_timing  # bench/, beside this script
 import meganeura
 from meganeura.weights import resolve_model
 
@@ -37,16 +37,8 @@ def time_meganeura():
 
 
 def time_transformers():
-    x = torch.from_numpy(ids)[None].to(args.device)
-    with torch.no_grad():
-        hf.generate(x, max_new_tokens=4, do_sample=False)
-        t0 = time.perf_counter()
-        hf(x)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = hf.generate(x, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
-        total = time.perf_counter() - t0
-    return out[0, len(ids):].tolist(), prefill, (args.tokens - 1) / max(total - prefill, 1e-9)
+    out, prefill, decode = hf_timing.prefill_and_decode(hf, torch.from_numpy(ids)[None].to(args.device), args.tokens)
+    return out.tolist(), prefill, decode
 
 
 ours, ours_prefill, ours_tps = time_meganeura()
