@@ -44,80 +44,96 @@ def allowed(bitmask: np.ndarray, vocab: int) -> np.ndarray:
     return np.flatnonzero(bits)
 
 
+def walks(schema: dict, start, tok, eos: int, vocab: int, stats: dict) -> None:
+    """WALKS random walks through the tokens a library allows. start() -> a fresh walker with
+    done() -> nothing can follow, fill() (the mask: timed) -> its bitmask [words] int32,
+    ends() -> may the text end here, take(token)."""
+    rng = np.random.default_rng(0)
+    for _ in range(WALKS):
+        walker, out = start(), []
+        for _ in range(MAX_STEPS):
+            if walker.done():
+                stats["finished"] += 1
+                stats["valid"] += _valid(tok.decode(out), schema)
+                break
+            t = time.perf_counter()
+            bitmask = walker.fill()
+            stats["mask_s"].append(time.perf_counter() - t)
+            choices = allowed(bitmask, vocab)
+            token = int(rng.choice(choices)) if len(choices) > 1 or eos not in choices else eos
+            if token == eos and walker.ends():
+                stats["finished"] += 1
+                stats["valid"] += _valid(tok.decode(out), schema)
+                break
+            if token != eos:
+                walker.take(token)
+                out.append(token)
+
+
 def run_llguidance(tok, eos: int, vocab: int) -> dict:
     import llguidance
 
+    class Walker:
+        def __init__(self, grammar):
+            self.m, self.mask = llguidance.LLMatcher(lltok, grammar), np.zeros((vocab + 31) // 32, np.int32)
+
+        def done(self):
+            return self.m.is_stopped()  # nothing can follow: only the end token is left
+
+        def fill(self):
+            self.m.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+            return self.mask
+
+        def ends(self):
+            return self.m.is_accepting()
+
+        def take(self, token):
+            self.m.consume_token(token)
+
     t = time.perf_counter()
     lltok = llguidance.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos)
-    setup = time.perf_counter() - t
-    compile_s, mask_s, ok, finished = [], [], 0, 0
+    stats = {"setup_s": time.perf_counter() - t, "compile_s": [], "mask_s": [], "valid": 0, "finished": 0}
     for schema in SCHEMAS.values():
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         t = time.perf_counter()
         llguidance.LLMatcher(lltok, grammar)
-        compile_s.append(time.perf_counter() - t)
-        rng = np.random.default_rng(0)
-        for _ in range(WALKS):
-            m = llguidance.LLMatcher(lltok, grammar)
-            mask = np.zeros((vocab + 31) // 32, np.int32)
-            out = []
-            for _ in range(MAX_STEPS):
-                if m.is_stopped():  # nothing can follow: only the end token is left
-                    finished += 1
-                    ok += _valid(tok.decode(out), schema)
-                    break
-                t = time.perf_counter()
-                m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-                mask_s.append(time.perf_counter() - t)
-                choices = allowed(mask, vocab)
-                token = int(rng.choice(choices)) if len(choices) > 1 or eos not in choices else eos
-                if token == eos and m.is_accepting():
-                    finished += 1
-                    ok += _valid(tok.decode(out), schema)
-                    break
-                if token == eos:
-                    continue
-                m.consume_token(token)
-                out.append(token)
-    return {"setup_s": setup, "compile_s": compile_s, "mask_s": mask_s, "valid": ok, "finished": finished}
+        stats["compile_s"].append(time.perf_counter() - t)
+        walks(schema, lambda: Walker(grammar), tok, eos, vocab, stats)
+    return stats
 
 
 def run_xgrammar(tok, eos: int, vocab: int) -> dict:
-    import torch
     import transformers
     import xgrammar as xgr
+
+    class Walker:
+        def __init__(self, compiled):
+            self.m, self.mask = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, vocab)
+
+        def done(self):
+            return False  # it says so through the end token only
+
+        def fill(self):
+            self.m.fill_next_token_bitmask(self.mask)
+            return self.mask[0].numpy()
+
+        def ends(self):
+            return self.m.accept_token(eos)
+
+        def take(self, token):
+            self.m.accept_token(token)
 
     t = time.perf_counter()
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=[eos])
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
-    setup = time.perf_counter() - t
-    compile_s, mask_s, ok, finished = [], [], 0, 0
+    stats = {"setup_s": time.perf_counter() - t, "compile_s": [], "mask_s": [], "valid": 0, "finished": 0}
     for schema in SCHEMAS.values():
         t = time.perf_counter()
         compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-        compile_s.append(time.perf_counter() - t)
-        rng = np.random.default_rng(0)
-        for _ in range(WALKS):
-            m = xgr.GrammarMatcher(compiled)
-            mask = xgr.allocate_token_bitmask(1, vocab)
-            out = []
-            for _ in range(MAX_STEPS):
-                t = time.perf_counter()
-                m.fill_next_token_bitmask(mask)
-                mask_s.append(time.perf_counter() - t)
-                choices = allowed(mask[0].numpy(), vocab)
-                token = int(rng.choice(choices)) if len(choices) > 1 or eos not in choices else eos
-                if token == eos and m.accept_token(eos):
-                    finished += 1
-                    ok += _valid(tok.decode(out), schema)
-                    break
-                if token == eos:
-                    continue
-                m.accept_token(token)
-                out.append(token)
-    del torch
-    return {"setup_s": setup, "compile_s": compile_s, "mask_s": mask_s, "valid": ok, "finished": finished}
+        stats["compile_s"].append(time.perf_counter() - t)
+        walks(schema, lambda: Walker(compiled), tok, eos, vocab, stats)
+    return stats
 
 
 def _valid(text: str, schema: dict) -> bool:
