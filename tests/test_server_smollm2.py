@@ -144,7 +144,8 @@ def test_full_queue_is_429_with_retry_after(pipe):
     with serving(pipe, max_batch=1, max_queue=1, max_context=CONTEXT) as url:
         expected = httpx.post(url + "/v1/chat/completions", json=question, timeout=60).json()
         with httpx.stream("POST", url + "/v1/chat/completions",
-                          json={"model": MODEL, "messages": [user(LONG)], "max_tokens": 500, "stream": True}) as r:
+                          json={"model": MODEL, "messages": [user(LONG)], "max_tokens": 500, "stream": True,
+                                "ignore_eos": True}) as r:  # holds the only slot until its client leaves
             next(r.iter_lines())
             queued = threading.Thread(target=lambda: waiting.update(r=httpx.post(
                 url + "/v1/chat/completions", json=question, timeout=60)))

@@ -70,11 +70,19 @@ def test_every_constraint_field_equals_the_pipeline(pipe, client, extra, pipe_se
     ({"guided_json": "{oops"}, "guided_json: json_schema: not valid JSON"),
     ({"guided_choice": []}, "guided_choice: choice must be a list of non-empty strings"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "give one of guided_regex, guided_choice, not several"),
+    ({"guided_regex": "a+", "ignore_eos": True}, "ignore_eos cannot go with guided_regex"),
 ])
 def test_bad_constraints_are_400s_naming_the_problem(url, extra, says):
     r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, **extra}, timeout=60)
     assert r.status_code == 400, r.text
     assert says in r.json()["error"]["message"]
+
+
+def test_ignore_eos_answers_run_to_max_tokens(pipe, client):
+    ref = pipe.generate(QUESTION, max_new_tokens=40, ignore_eos=True)
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content == ref.text
 
 
 def test_raw_completions_streamed_and_not(pipe, client, url):

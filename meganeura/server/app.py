@@ -228,6 +228,9 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         asked = req.constraint_fields()
         if len(asked) > 1:
             raise ApiError(400, f"give one of {', '.join(asked)}, not several", code="invalid_request")
+        if asked and req.ignore_eos:
+            raise ApiError(400, f"ignore_eos cannot go with {next(iter(asked))}: the grammar decides where the "
+                                "answer ends", code="invalid_request")
         for name, (arg, value) in asked.items():
             try:
                 return pipe.constraint(**{arg: value})

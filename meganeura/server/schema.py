@@ -112,6 +112,7 @@ class GenerationRequest(_Model):
     top_p: float | None = _number(gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)                 # extras vLLM accepts too
     repetition_penalty: float | None = _number(gt=0)
+    ignore_eos: StrictBool = False                              # runs to max_tokens (benchmarks)
     seed: StrictInt | None = Field(None, ge=0)
     stop: list[Text] = Field([], max_length=4)   # a string, a list of them, or null
     stream: StrictBool = False
@@ -148,7 +149,8 @@ class GenerationRequest(_Model):
         given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                  if getattr(self, k) is not None}
         return GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stop),
-                                constraint=constraint, logprobs=self.top_logprobs_asked, **given)
+                                constraint=constraint, logprobs=self.top_logprobs_asked,
+                                ignore_eos=self.ignore_eos, **given)
 
     def constraint_fields(self) -> dict:
         """The constraint asked for, as Pipeline.constraint's arguments by request field."""
