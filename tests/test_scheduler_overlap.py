@@ -17,10 +17,15 @@ class CountingSampler(DeviceSampler):
     """The device sampler on CPU tensors, counting the steps fed with device-side tokens."""
 
     device_fed_steps = 0
+    host_choices = 0  # choices the host waited for
 
     def choose_later(self, logits, rows, into):
         CountingSampler.device_fed_steps += 1
         return super().choose_later(logits, rows, into)
+
+    def choose(self, logits, sequences):
+        CountingSampler.host_choices += 1
+        return super().choose(logits, sequences)
 
 
 def _runner(model) -> ModelRunner:
@@ -29,11 +34,12 @@ def _runner(model) -> ModelRunner:
     return rt
 
 
-def _generate(rt, prompts, eos, limits, overlap=True, device=False, **sampling):
+def _generate(rt, prompts, eos, limits, overlap=True, device=False, prefill_chunk=None, **sampling):
     results = []
     for limit in limits:
         sampler = CountingSampler(rt.backend) if device else None
-        sched = Scheduler(rt, eos, lambda ids: "", width=3, sampler=sampler, overlap=overlap)
+        sched = Scheduler(rt, eos, lambda ids: "", width=3, sampler=sampler, overlap=overlap,
+                          prefill_chunk=prefill_chunk)
         seqs = [sched.add(Prompt(p), GenerationConfig(max_new_tokens=limit, **sampling)) for p in prompts]
         while not sched.idle:
             moved = [seq for seq, _ in sched.step()]
@@ -69,6 +75,30 @@ def test_overlapped_seeded_sampling_equals_step_by_step():
     assert _generate(rt, PROMPTS, eos, [12], device=True, **sampling) == expected
     assert CountingSampler.device_fed_steps >= 5
     assert len({tuple(t) for t, _ in expected}) > 1  # sampled, not one repeated answer
+
+
+def test_a_prompt_that_joins_running_decodes_gets_its_first_token_on_the_device():
+    """The step of a prompt's last chunk, with decodes in flight, does not wait for the device:
+    its first token is chosen there and read with the next decode step's tokens (the streams'
+    inter-token latency while a long prompt is prefilled). Answers equal step-by-step, seeded
+    too, with the joining prompt's limit 1 (no decode row of its own) and 12."""
+    rt = _runner(model)
+    for sampling in ({}, dict(temperature=0.9, top_k=40, seed=5)):
+        for limit in (1, 12):
+            answers = []
+            for overlap in (False, True):
+                sched = Scheduler(rt, set(), lambda ids: "", width=3, sampler=CountingSampler(rt.backend),
+                                  overlap=overlap, prefill_chunk=4)
+                streams = [sched.add(Prompt(p), GenerationConfig(max_new_tokens=16, **sampling)) for p in PROMPTS[:2]]
+                for _ in range(3):
+                    sched.step()
+                CountingSampler.host_choices = 0
+                joining = sched.add(Prompt(PROMPTS[3]), GenerationConfig(max_new_tokens=limit, **sampling))
+                while not sched.idle:
+                    sched.step()
+                answers.append([s.tokens for s in (*streams, joining)])
+                assert CountingSampler.host_choices == 0 or not overlap  # the host waited for no choice
+            assert answers[0] == answers[1]
 
 
 def test_decode_steps_compute_the_running_sequences_only():

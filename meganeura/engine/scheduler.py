@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -89,6 +89,7 @@ class _Launch:
     seqs: dict[int, Sequence]
     tokens: object            # .result() -> host tokens by lane (a device handle or a _Ready); None: not chosen yet
     choose: Callable[[], object] | None = None  # sends the choice (when tokens is None)
+    firsts: list[tuple[Sequence, object]] = field(default_factory=list)  # first tokens chosen on the device before it
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Scheduler:
         self._next_tokens = None                  # device, one per lane: each lane's next input token
         self._unchosen = False                    # the step just sent waits to choose (a grammar): lane moves wait too
         self._moves: list[tuple[int, int]] = []   # (from, to) lane moves held back meanwhile
+        self._firsts: list[tuple[Sequence, object]] = []  # first tokens chosen on the device this step
 
     @property
     def idle(self) -> bool:
@@ -176,12 +178,17 @@ class Scheduler:
 
     def _step(self) -> list[tuple[Sequence, str]]:
         events = self._admit()
-        events += self._prefill()
         overlap = self.overlap and not any(s.cfg.host_paced for s in self.running.values())
+        events += self._prefill(on_device=overlap and self.pending is not None)
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
             self.pending = None
         launch = self._launch(overlap)
+        firsts, self._firsts = self._firsts, []
+        if launch is not None:
+            launch.firsts = firsts
+        elif firsts:  # no decode step to read them with: read them now
+            events += self._resolve(_Launch({}, _Ready({}), firsts=firsts))
         self.last_decode_batch = len(launch.seqs) if launch else 0
         if overlap and self.pending is not None:
             self._unchosen = launch is not None and launch.tokens is None
@@ -225,10 +232,12 @@ class Scheduler:
             self.prefilling.append(seq)
         return events
 
-    def _prefill(self) -> list[tuple[Sequence, str]]:
+    def _prefill(self, on_device: bool) -> list[tuple[Sequence, str]]:
         """Prefill up to `prefill_chunk` prompt tokens, oldest prompts first (every waiting token
         when no sequence is decoding: then nobody waits on the chunks); a prompt that is done
-        gets its first token and its full blocks are kept in the prefix cache."""
+        gets its first token and its full blocks are kept in the prefix cache. `on_device`
+        (decodes in flight): a free first token is chosen on the device and read with the next
+        decode step's tokens, so the streams in flight never wait for the last chunk."""
         decoding = any(not seq.prefilling for seq in self.running.values())
         events, budget = [], self.prefill_chunk if decoding else self.runner.max_seq * len(self.prefilling)
         while self.prefilling and budget > 0:
@@ -256,9 +265,14 @@ class Scheduler:
             self.prefilling.popleft()
             if self.prefix_cache:
                 self.cache.remember(seq.slot, seq.prefix)
-            [token] = self.sampler.choose(logits, [seq])
             seq._decode_start = time.perf_counter()
             seq.prefill_s = seq._decode_start - seq._prefill_start
+            if on_device and seq.cfg.constraint is None:
+                into = self._next_tokens[seq.lane:seq.lane + 1]  # the next decode step's input for its lane
+                self._firsts.append((seq, self.sampler.choose_later(logits, [seq], into)))
+                self._in_flight[seq] = 1
+                continue
+            [token] = self.sampler.choose(logits, [seq])
             if self._next_tokens is not None:  # the overlapped decode in flight did not have it
                 self.sampler.put(self._next_tokens, seq.lane, token)
             events.append((seq, self._advance(seq, token)))
@@ -299,8 +313,12 @@ class Scheduler:
     def _resolve(self, launch: _Launch) -> list[tuple[Sequence, str]]:
         """Wait for a decode step's tokens and move its sequences on (those that finished or
         were cancelled meanwhile are skipped: their row was a wasted guess)."""
-        tokens = launch.tokens.result()
         events = []
+        for seq, first in launch.firsts:  # each sequence's first token comes before its decode token
+            if seq.finish_reason is None:
+                self._in_flight[seq] -= 1
+                events.append((seq, self._advance(seq, int(first.result()[0]))))
+        tokens = launch.tokens.result()
         for lane, seq in launch.seqs.items():
             if seq.finish_reason is not None:
                 continue
