@@ -2,7 +2,10 @@
 server (the tiny random SmolVLM with a 2,600-token context, CPU): single and batched calls of
 1..33 conversations, streams abandoned part-way, logits, prompts of 1..2,000 tokens with 0..3
 images, greedy and seeded sampling. Every answer equals the solo answer of a pipeline that
-never did anything else, and the KV cache is whole again after every call."""
+never did anything else, and the KV cache is whole again after every call. The pipeline soak
+runs twice: with the CPU's host sampler, and with the GPU's device sampler on CPU tensors
+(tokens fed back to the next step before the host reads them, first tokens of joining
+prompts chosen there too), so the GPU's scheduling is soaked here as well."""
 
 import random
 import threading
@@ -15,6 +18,7 @@ import pytest
 from PIL import Image
 
 import meganeura
+from meganeura.backends.torch_sampling import DeviceSampler
 from test_server_helpers import MODEL, data_url, serving, sse
 from tiny_models import write_tiny_smolvlm_folder
 
@@ -67,8 +71,27 @@ def _cache_whole(pipe) -> None:
     assert cache.free_pages == cache.layout.num_blocks - 1 and cache.free_slots == pipe.runner.max_slots
 
 
-def test_pipeline_soak_every_answer_equals_its_solo_answer(world):
-    _, pool, pipe, fresh = world
+class CountingSampler(DeviceSampler):
+    overlapped = 0  # choices left on the device for the next step
+
+    def choose_later(self, logits, rows, into):
+        CountingSampler.overlapped += 1
+        return super().choose_later(logits, rows, into)
+
+
+def _device_sampled(pipe):
+    """The pipeline with the GPU's overlapped sampler, on its CPU tensors."""
+    backend = pipe.runner.backend
+    backend.sampler = lambda: CountingSampler(backend)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", ["host", "device"])
+def test_pipeline_soak_every_answer_equals_its_solo_answer(world, sampler):
+    folder, pool, pipe, fresh = world
+    CountingSampler.overlapped = 0
+    if sampler == "device":
+        pipe, fresh = (_device_sampled(meganeura.load(str(folder), device="cpu", progress=False)) for _ in range(2))
     solo, rng = Solo(fresh), random.Random(7)
     kinds = {}
     for call in range(200):
@@ -109,6 +132,7 @@ def test_pipeline_soak_every_answer_equals_its_solo_answer(world):
                                                                      for c in convs], where
         _cache_whole(pipe)
     assert min(kinds.values()) >= 15, kinds
+    assert (CountingSampler.overlapped > 1000) == (sampler == "device"), CountingSampler.overlapped
 
 
 def _ask(url, conversation, limit, stream, disconnect_after=None):
