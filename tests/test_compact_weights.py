@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import meganeura
+from meganeura.backends.cpu_weights import bf16_products
 from tiny_models import rel_err, write_tiny_smolvlm_folder
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven blue rivers run to the sea".split()
@@ -53,6 +54,27 @@ def test_batched_answers_equal_solo_answers(folder, form):
     solo = [pipe.generate(c, max_new_tokens=8, ignore_eos=True).token_ids for c in conversations]
     batched = [r.token_ids for r in pipe.generate(conversations, max_new_tokens=8, ignore_eos=True)]
     assert batched == solo
+
+
+@pytest.mark.skipif(not bf16_products(), reason="no bf16 products on this CPU")
+def test_bfloat16_model_packs_its_products_and_matches_float32_of_the_same_weights(folder):
+    """dtype bfloat16 on a CPU with bf16 products: every product weight is packed for oneDNN
+    (each row's bits independent of the batch, so batched answers equal solo ones)."""
+    packed = meganeura.load(str(folder), device="cpu", progress=False, dtype="bfloat16")
+    forms = packed.runner.store.forms
+    assert set(forms.values()) == {"bf16"} and len(forms) == 2 * 7 + 1
+    assert "bf16 products" in packed.runner.weight_form_reason
+    reference = meganeura.load(str(folder), device="cpu", progress=False)
+    store = packed.runner.store
+    for name in store.sources:  # the float32 model gets the bf16-rounded values
+        reference.runner.store.set_parameter(name, torch.as_tensor(store.sources[name]()).bfloat16().float().numpy())
+    messages = _messages(40)
+    ours, ref = packed.logits(messages), reference.logits(messages)
+    assert rel_err(ours, ref) < 2e-2  # bf16 activations all along (measured 5e-3)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    conversations = [_messages(n, seed=n) for n in (3, 17, 60)]
+    solo = [packed.generate(c, max_new_tokens=8, ignore_eos=True).token_ids for c in conversations]
+    assert [r.token_ids for r in packed.generate(conversations, max_new_tokens=8, ignore_eos=True)] == solo
 
 
 def test_float_checkpoint_keeps_float_weights_by_default(folder):

@@ -7,9 +7,13 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from meganeura.backends.cpu_weights import (Int4Weight, Int8Weight, concat_rows, from_gguf_blocks, make_weight)
+from meganeura.backends.cpu_weights import (Int4Weight, Int8Weight, bf16_products, concat_rows, from_gguf_blocks,
+                                             make_weight)
 
 SHAPES = [(64, 96), (300, 64), (192, 576)]  # 300 rows: int4pack's multiple of 16 is padded
+# bf16: packed for oneDNN's bf16 products, on CPUs that have them (this project's CI machine does)
+FORMS = ["int4", "int8", pytest.param("bf16", marks=pytest.mark.skipif(not bf16_products(),
+                                                                        reason="no bf16 products on this CPU"))]
 
 
 def _weight(shape, seed=0):
@@ -25,7 +29,7 @@ def _reference(x, w_effective):
     return (x.bfloat16().double() @ w_effective.double().T).float()
 
 
-@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_product_matches_float_product_of_its_weights(form, shape):
     w = make_weight(_weight(shape), form)
@@ -33,7 +37,7 @@ def test_product_matches_float_product_of_its_weights(form, shape):
     ref = _reference(x, w.effective())  # (packing for products drops the form's own numbers)
     out = w.product(x, torch.float32)
     # the output is rounded to bfloat16 (int8: two outputs, each rounded), plus float32
-    # accumulation order
+    # accumulation order (bf16: the weights are bf16-rounded floats, effective() holds them)
     assert out.shape == (2, shape[0])
     assert (out - ref).abs().max() <= 2**-7 * ref.abs().max() + 1e-5
 
@@ -85,7 +89,7 @@ def test_gguf_q8_0_blocks_are_read_exactly():
     assert (out - _reference(x, effective)).abs().max() <= 2**-7 * out.abs().max() + 1e-5
 
 
-@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("form", FORMS)
 def test_merged_weights_equal_the_parts(form):
     parts = [make_weight(_weight((n, 64), seed=n), form) for n in (64, 32, 32)]
     merged = concat_rows(parts)
@@ -94,7 +98,7 @@ def test_merged_weights_equal_the_parts(form):
     assert torch.equal(out, torch.cat([p.product(x, torch.float32) for p in parts], dim=1))
 
 
-@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("form", FORMS)
 def test_a_rows_result_does_not_depend_on_the_row_count(form):
     """Decode graphs are batch invariant: compact products run all rows at once (no pairs) because
     each row's result has the same bits whatever else is in the batch."""
@@ -105,10 +109,13 @@ def test_a_rows_result_does_not_depend_on_the_row_count(form):
         assert torch.equal(w.product(x[:m], torch.float32), alone[:m])
 
 
-def test_packing_drops_the_forms_numbers_unless_rows_are_looked_up():
-    table, plain = (make_weight(_weight((64, 64)), "int4") for _ in range(2))
+@pytest.mark.parametrize("form, numbers", [("int4", "codes"), ("int8", "values"), ("bf16", "values")])
+def test_packing_drops_the_forms_numbers_unless_rows_are_looked_up(form, numbers):
+    if form == "bf16" and not bf16_products():
+        pytest.skip("no bf16 products on this CPU")
+    table, plain = (make_weight(_weight((64, 64)), form) for _ in range(2))
     table.lookups = True
     rows = table[torch.tensor([1, 2])]
     for w in (table, plain):
         w.product(_rows(64), torch.float32)
-    assert torch.equal(table[torch.tensor([1, 2])], rows) and plain.codes is None
+    assert torch.equal(table[torch.tensor([1, 2])], rows) and getattr(plain, numbers) is None

@@ -141,26 +141,34 @@ class ModelRunner:
         "int8" all of them; "int4" all but the lm_head, which stays int8 (as llama.cpp's 4-bit
         files keep theirs at 6-8 bits: 4-bit logits cost ~10x the KL divergence); "auto", on
         the torch CPU backend, each tensor's own precision (GGUF Q4_x -> int4, Q5_x..Q8_0 ->
-        int8, float -> none: float32 products measured faster than bf16 ones here)."""
+        int8, float -> none). With dtype bfloat16 on a CPU that multiplies bf16 natively, the
+        weights left float are packed for its bf16 products ("bf16": a layout, not a rounding
+        beyond the dtype's)."""
         asked = self.options.quantize
         weights, head = self._product_weights
         if asked in ("int8", "int4"):
             self.weight_form_reason = "asked for" + ("; the lm_head int8" if asked == "int4" else "")
             return {n: "int8" if n == head else asked for n in weights}
+        on_cpu = self.options.backend == "torch" and self.options.device.startswith("cpu")
+        forms = {}
         if asked == "none":
             self.weight_form_reason = "asked for"
-            return {}
-        if self.options.backend != "torch" or not self.options.device.startswith("cpu"):
+        elif not on_cpu:
             self.weight_form_reason = f"compact forms run on the CPU ({self.options.backend} on {self.options.device})"
-            return {}
-        stored = getattr(tensors, "stored", None)
-        forms = {}
-        for name in weights:
-            bits = re.match(r"I?Q(\d)", stored(name)) if stored else None
-            if bits:
-                forms[name] = "int4" if int(bits.group(1)) <= 4 else "int8"
-        kinds = sorted({stored(n) for n in weights}) if stored else ["unknown types"]
-        self.weight_form_reason = f"auto: the checkpoint's own precision ({', '.join(kinds)})"
+        else:
+            stored = getattr(tensors, "stored", None)
+            for name in weights:
+                bits = re.match(r"I?Q(\d)", stored(name)) if stored else None
+                if bits:
+                    forms[name] = "int4" if int(bits.group(1)) <= 4 else "int8"
+            kinds = sorted({stored(n) for n in weights}) if stored else ["unknown types"]
+            self.weight_form_reason = f"auto: the checkpoint's own precision ({', '.join(kinds)})"
+        if on_cpu and self.options.dtype == "bfloat16":
+            from ..backends.cpu_weights import bf16_products
+            packed = [n for n in weights if n not in forms] if bf16_products() else []
+            forms.update({n: "bf16" for n in packed})
+            if packed:
+                self.weight_form_reason += "; float weights packed for the CPU's bf16 products"
         return forms
 
     # ---- the KV cache -----------------------------------------------------------------
