@@ -122,7 +122,7 @@ def _prompt(args) -> str:
 
 def _load(args, media: bool = False):
     """The pipeline; with `media`, refuses a text-only model before its weights load."""
-    from .pipeline import Pipeline, model_spec
+    from .pipeline import Pipeline, model_spec, settle_dtype
     from .weights import load_checkpoint
     try:
         options = compile_options(args.device, args.dtype, args.quantize)  # a missing GPU fails before any download
@@ -132,7 +132,7 @@ def _load(args, media: bool = False):
     checkpoint = load_checkpoint(args.model)
     if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
         raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
-    pipe = Pipeline(checkpoint, options, kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
+    pipe = Pipeline(checkpoint, settle_dtype(options, args.dtype, checkpoint), kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
                     prefix_cache=not args.no_prefix_cache)
     if getattr(args, "verbose", False):
         print(f"weights: {pipe.runner.weight_form} ({pipe.runner.weight_form_reason})", file=sys.stderr)
@@ -315,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--device", type=_device, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                            help="where to run (default: %(default)s: a CUDA GPU when there is one)")
             p.add_argument("--dtype", choices=DTYPES, default="auto",
-                           help="weights and activations (default: %(default)s: bfloat16 on a GPU, else float32)")
+                           help="weights and activations (default: %(default)s: bfloat16 on a GPU; on a CPU, the "
+                                "checkpoint's own bfloat16 where the CPU has bf16 products, else float32)")
             p.add_argument("--quantize", choices=QUANTIZE, default="auto",
                            help="the text weights kept int8 or int4 on the CPU (default: %(default)s: a GGUF's own "
                                 "precision, e.g. Q4_1 runs 4-bit; float checkpoints: none)")

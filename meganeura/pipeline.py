@@ -464,8 +464,24 @@ def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     prefix_cache: reuse the keys and values of prompt prefixes seen before (system prompts, earlier
     turns, the same image bytes) and cached vision features; False computes every prompt afresh."""
     options = compile_options(device, dtype, quantize)  # a missing GPU fails before any download
-    return Pipeline(load_checkpoint(model, progress=progress), options, progress=progress,
+    checkpoint = load_checkpoint(model, progress=progress)
+    return Pipeline(checkpoint, settle_dtype(options, dtype, checkpoint), progress=progress,
                     kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache)
+
+
+def settle_dtype(options: CompileOptions, asked: str, checkpoint: Checkpoint) -> CompileOptions:
+    """`options` with the CPU's "auto" dtype settled by the checkpoint, keeping its own
+    precision: bfloat16 for weights stored in bfloat16 (SmolVLM2's safetensors) where the CPU
+    multiplies bf16 natively (its packed products beat float32 ones: docs/perf.md), else
+    float32 as compile_options chose."""
+    if asked != "auto" or options.backend != "torch" or options.device != "cpu":
+        return options
+    stored = getattr(checkpoint.tensors, "stored", None)
+    matrices = [n for n in checkpoint.tensors.keys() if len(shape_and_dtype(checkpoint.tensors, n)[0]) == 2]
+    if stored is None or not matrices or not all(stored(n) == "BF16" for n in matrices):
+        return options
+    from .backends.cpu_weights import bf16_products
+    return dataclasses.replace(options, dtype="bfloat16") if bf16_products() else options
 
 
 __all__ = ["load", "Pipeline", "DEFAULT_MODEL", "GenerationConfig", "GenerationResult"]

@@ -77,6 +77,18 @@ def test_bfloat16_model_packs_its_products_and_matches_float32_of_the_same_weigh
     assert [r.token_ids for r in packed.generate(conversations, max_new_tokens=8, ignore_eos=True)] == solo
 
 
+@pytest.mark.skipif(not bf16_products(), reason="no bf16 products on this CPU")
+def test_a_bfloat16_checkpoint_runs_in_bfloat16_on_the_cpu_by_default(tmp_path):
+    """The CPU default keeps the checkpoint's own precision: SmolVLM2 ships bfloat16 safetensors."""
+    write_tiny_smolvlm_folder(tmp_path).to(torch.bfloat16).save_pretrained(tmp_path)
+    auto = meganeura.load(str(tmp_path), device="cpu", progress=False)
+    assert auto.runner.options.dtype == "bfloat16" and auto.runner.weight_form == "bf16"
+    asked = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="bfloat16")
+    messages = _messages(12)
+    assert auto.generate(messages, max_new_tokens=8).token_ids == asked.generate(messages, max_new_tokens=8).token_ids
+    assert meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="float32").runner.weight_form == "none"
+
+
 def test_float_checkpoint_keeps_float_weights_by_default(folder):
     pipe = meganeura.load(str(folder), device="cpu", progress=False)
     assert pipe.runner.weight_form == "none" and not pipe.runner.store.forms
