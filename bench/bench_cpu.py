@@ -95,7 +95,13 @@ def write_gguf(kind: str, out: Path) -> None:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak RSS since it started. Not getrusage's ru_maxrss: on Linux a child
+    inherits its parent's at fork, so every engine would report at least the driver's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
 
 
 # ---- one engine, in its own process ------------------------------------------------------------
