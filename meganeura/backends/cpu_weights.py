@@ -50,18 +50,21 @@ class CompactWeight:
         return self[torch.arange(self.shape[0])]
 
 
-def _pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4pack's weight for 4-bit values [N, K] (0..15) and its [K/32, N, 2] scales and
-    zeros in bf16; N is padded to int4pack's multiple of 16 with zero rows."""
-    n, k = values.shape
+def _pack_int4(values_of, n: int, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4pack's weight for 4-bit values [N, K] (0..15; `values_of(start, stop)` gives rows
+    start..stop-1) and its [K/32, N, 2] scales and zeros in bf16; N is padded to int4pack's
+    multiple of 16 with zero rows. Packed in chunks of rows (int4pack packs blocks of 64 rows:
+    chunks on those bounds concatenate), so neither the values nor the int32 copy it takes
+    exist for the whole weight at once."""
     pad = -n % _PACK_ROWS
+    chunks = []
+    for start in range(0, n, _PACK_CHUNK):
+        rows = values_of(start, min(start + _PACK_CHUNK, n)).to(torch.int32)
+        if start + _PACK_CHUNK >= n and pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        chunks.append(torch._convert_weight_to_int4pack_for_cpu(rows, 1))
     if pad:
-        values = torch.cat([values, values.new_zeros(pad, k)])
         scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-    # in chunks of rows (int4pack packs blocks of 64 rows: chunks on those bounds concatenate),
-    # so the int32 values it takes never exist for the whole weight at once
-    chunks = [torch._convert_weight_to_int4pack_for_cpu(values[i:i + _PACK_CHUNK].to(torch.int32), 1)
-              for i in range(0, len(values), _PACK_CHUNK)]
     weight = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return weight, torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
 
@@ -98,7 +101,8 @@ class Int4Weight(CompactWeight):
         """Made on first use: parts merged into one product (q|k|v) are concatenated before
         they are packed (int4pack interleaves rows in blocks of 64)."""
         if self._packed is None:
-            self._packed = _pack_int4(self._values(self.codes), self.scales, self.mins + 8 * self.scales)
+            self._packed = _pack_int4(lambda a, b: self._values(self.codes[a:b]), self.shape[0], self.scales,
+                                      self.mins + 8 * self.scales)
             if not self.lookups:
                 self.codes = self.scales = self.mins = None
         return self._packed
@@ -133,9 +137,10 @@ class Int8Weight(CompactWeight):
 
     def packed(self):
         if self._packed is None:
-            high, low = (self.values >> 4) + 8, self.values & 15
+            n, q = self.shape[0], self.values
             zero = torch.zeros_like(self.scales)
-            self._packed = (_pack_int4(high, 16 * self.scales, zero), _pack_int4(low, self.scales, 8 * self.scales))
+            self._packed = (_pack_int4(lambda a, b: (q[a:b] >> 4) + 8, n, 16 * self.scales, zero),
+                            _pack_int4(lambda a, b: q[a:b] & 15, n, self.scales, 8 * self.scales))
             if not self.lookups:
                 self.values = self.scales = None
         return self._packed

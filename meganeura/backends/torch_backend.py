@@ -9,7 +9,9 @@ host, so a decode step can be captured as a CUDA graph.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 import warnings
 
 import numpy as np
@@ -455,6 +457,22 @@ OPS = {
 }
 
 
+@functools.cache
+def _large_frees_go_back_to_the_os() -> None:
+    """glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
+    after which large tensors come from its heap and their memory stays with the process once
+    freed: packing the weights at the first product and the first prefill's activations left
+    ~350 MB there (peak RSS 0.94 GB for SmolLM2 4-bit, ~0.67 GB with a fixed 1 MiB threshold:
+    docs/perf.md). Blocks of 1 MiB or more are then mapped and unmapped whole."""
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): its allocator returns large blocks already
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 class TorchBackend:
     name = "torch"
 
@@ -468,6 +486,8 @@ class TorchBackend:
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
         self._staging: dict[tuple, tuple] = {}  # (device buffer, source dtype) -> (pinned buffer, copy event)
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        if self.device.type == "cpu":
+            _large_frees_go_back_to_the_os()
 
     def from_host(self, array, dtype: str) -> torch.Tensor:
         if isinstance(array, torch.Tensor):  # copied: the caller may reuse it, a recording may refill ours
