@@ -37,7 +37,7 @@ from .processing.prompt import (END_OF_UTTERANCE, VideoSource, expand_image_toke
 from .processing.video import (VideoClip, VideoError, VideoProcessorConfig, open_video, preprocess_video,
                                video_config_dict)
 from .session import CompileOptions
-from .weights import Checkpoint, load_checkpoint, shape_and_dtype
+from .weights import Checkpoint, LazyTensors, load_checkpoint, shape_and_dtype
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 CONSTRAINT_KEYS = ("response_format", "json_schema", "regex", "choice")  # generate/stream settings (engine/grammar.py)
@@ -198,6 +198,8 @@ class Pipeline:
         self._prepared = FeatureCache(PREPARED_BYTES)  # preprocessed images by pixel content (with the caches)
         self._prepared_lock = threading.Lock()         # encode runs in the server's worker threads
         self.runner.load_weights(checkpoint.tensors, checkpoint.source, progress=_bar(progress, "loading weights"))
+        if isinstance(checkpoint.tensors, LazyTensors):  # the weights are ours now: the file's pages can go
+            checkpoint.tensors.drop_pages()
 
     @property
     def context_length(self) -> int:

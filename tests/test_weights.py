@@ -685,3 +685,15 @@ def test_forged_gguf_counts_are_clear_errors_at_once(tmp_path, written_ggufs):
         with pytest.raises(WeightsError, match=r"forged\.gguf: not a readable GGUF file"):
             load_checkpoint(forged, progress=False)
         assert time.perf_counter() - start < 5, what
+
+
+def test_dropped_pages_read_back_the_same_values(gguf_ckpt, hf_folders):
+    """After loading, a pipeline gives the mapped files' pages back (LazyTensors.drop_pages):
+    a later read faults them in again, unchanged, from GGUF blocks and safetensors alike."""
+    folder = load_checkpoint(str(hf_folders["f32", True][0]), progress=False)
+    for ckpt in (gguf_ckpt, folder):
+        names = list(ckpt.tensors)[:3] + list(ckpt.tensors)[-2:]
+        before = {n: np.array(ckpt.tensors[n]) for n in names}
+        assert ckpt.tensors.mappings
+        ckpt.tensors.drop_pages()
+        assert all(np.array_equal(ckpt.tensors[n], before[n]) for n in names)

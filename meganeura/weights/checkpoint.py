@@ -12,6 +12,8 @@ copies of the weights while a backend copies them into its own layout.
 
 from __future__ import annotations
 
+import mmap
+
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,13 @@ class LazyTensors(Mapping):
     def __init__(self, source: str):
         self._entries: dict[str, _Entry] = {}
         self.source = source
+        self.mappings: list[mmap.mmap] = []  # the memory-mapped files the arrays come from
+
+    def drop_pages(self) -> None:
+        """Give the mapped files' resident pages back (once the weights are loaded they only
+        count in RSS); a later read faults them in again from the file or the page cache."""
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def add(self, name: str, shape: tuple[int, ...], dtype: Any, load: Callable[[], np.ndarray],
             stored: str | None = None, blocks: Callable[[], tuple] | None = None) -> None:

@@ -14,6 +14,7 @@ GGUF also has no config.json or tokenizer.json: both are rebuilt from the metada
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import warnings
@@ -413,11 +414,18 @@ class _Header:
         return np.frombuffer(self.buf, dtype, 1, self.pos - dtype.itemsize)[0].item()
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
-    """The metadata and the tensors (views of the memory-mapped file) of a GGUF file."""
+def read_gguf(path: Path, mappings: list | None = None) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """The metadata and the tensors (views of the memory-mapped file) of a GGUF file; the
+    mapping is appended to `mappings` (LazyTensors.drop_pages gives its pages back)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    data = np.asarray(np.memmap(path, mode="r"))  # a plain array over the mapping: cheap slices
+    with open(path, "rb") as f:
+        if not f.seek(0, 2):
+            raise ValueError("no GGUF magic: the file is empty")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file object
+    if mappings is not None:
+        mappings.append(mapping)
+    data = np.frombuffer(mapping, np.uint8)  # a plain read-only array over the mapping: cheap slices
     header = _Header(data)
     if bytes(header.buf[:4]) != b"GGUF":
         raise ValueError("no GGUF magic")
@@ -463,8 +471,9 @@ def load_gguf(path: str | Path) -> Checkpoint:
     source = str(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
+    mappings: list = []
     try:
-        meta, gguf_tensors = read_gguf(path)
+        meta, gguf_tensors = read_gguf(path, mappings)
     except WeightsError:
         raise
     except Exception as exc:  # ValueError/struct.error/UnicodeDecodeError on bad files
@@ -482,6 +491,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
         raise WeightsError(f"{path}: bad GGUF metadata: {exc}") from None
 
     tensors = LazyTensors(source)
+    tensors.mappings += mappings
     probed = set()
     for tensor in gguf_tensors:
         if tensor.name in _DERIVED:

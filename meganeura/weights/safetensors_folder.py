@@ -77,6 +77,7 @@ def add_safetensors_file(path: Path, tensors: LazyTensors, only: set[str] | None
     fails at load time naming the file, not later at first use.
     """
     buf = _map_file(path)
+    tensors.mappings.append(buf)
     (header_len,) = struct.unpack("<Q", buf[:8])
     if header_len > min(_HEADER_LIMIT, len(buf) - 8):
         raise WeightsError(f"{path}: corrupt safetensors file (header length {header_len} is impossible)")
