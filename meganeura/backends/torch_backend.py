@@ -462,15 +462,16 @@ def _large_frees_go_back_to_the_os() -> None:
     """glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
     after which large tensors come from its heap and their memory stays with the process once
     freed: packing the weights at the first product and the first prefill's activations left
-    ~350 MB there (peak RSS 0.94 GB for SmolLM2 4-bit, ~0.67 GB with a fixed 1 MiB threshold:
-    docs/perf.md). Blocks of 1 MiB or more are then mapped and unmapped whole."""
+    ~350 MB there (peak RSS 0.94 GB for SmolLM2 4-bit; ~0.67 GB with the threshold fixed).
+    Blocks of 4 MiB or more are mapped and unmapped whole (1 MiB also mapped a prefill's
+    activations: float32 prefill 15% slower, docs/perf.md)."""
     if platform.system() != "Linux":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl): its allocator returns large blocks already
         return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
 
 
 class TorchBackend:
