@@ -6,7 +6,8 @@ the resident size up. Measured with the tiny SmolVLM, 8 hostile requests a round
 each of 6 rounds: 890 -> 970 -> 1180 -> 1143 -> 1144 -> 1189 MB without a trim; 856 -> 763
 -> 760 -> 802 -> 835 -> 820 MB with malloc_trim after each big request. (A fixed
 M_MMAP_THRESHOLD kept it flat too, but slowed SmolLM2 decoding from 25 to 18 tokens/s: every
-large tensor became a fresh mmap.)
+large tensor became a fresh mmap. The CPU backend fixes it at 4 MiB, which decoding does not
+feel: backends/torch_backend.py.)
 """
 
 from __future__ import annotations
