@@ -132,7 +132,8 @@ def _load(args, media: bool = False):
     checkpoint = load_checkpoint(args.model)
     if media and model_spec(checkpoint.config, where=checkpoint.config_name).vlm is None:
         raise ValueError(f"{args.model} reads text only: --image and --video need a SmolVLM model")
-    pipe = Pipeline(checkpoint, settle_dtype(options, args.dtype, checkpoint), kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
+    pipe = Pipeline(checkpoint, settle_dtype(options, args.dtype, checkpoint),
+                    kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None,
                     prefix_cache=not args.no_prefix_cache)
     if getattr(args, "verbose", False):
         print(f"weights: {pipe.runner.weight_form} ({pipe.runner.weight_form_reason})", file=sys.stderr)

@@ -479,8 +479,10 @@ def settle_dtype(options: CompileOptions, asked: str, checkpoint: Checkpoint) ->
     if asked != "auto" or options.backend != "torch" or options.device != "cpu":
         return options
     stored = getattr(checkpoint.tensors, "stored", None)
+    if stored is None:
+        return options
     matrices = [n for n in checkpoint.tensors.keys() if len(shape_and_dtype(checkpoint.tensors, n)[0]) == 2]
-    if stored is None or not matrices or not all(stored(n) == "BF16" for n in matrices):
+    if not matrices or not all(stored(n) == "BF16" for n in matrices):
         return options
     from .backends.cpu_weights import bf16_products
     return dataclasses.replace(options, dtype="bfloat16") if bf16_products() else options

@@ -154,9 +154,9 @@ class _Overlapping:
         class Counting(DeviceSampler):
             masked_later = 0
 
-            def choose_later(self, logits, rows, into):
+            def choose_later(self, logits, rows, into, ring="decode"):
                 Counting.masked_later += any(s is not None and s.cfg.constraint is not None for s in rows)
-                return super().choose_later(logits, rows, into)
+                return super().choose_later(logits, rows, into, ring)
         self.sampler, self.counting = Counting(backend), Counting
 
 

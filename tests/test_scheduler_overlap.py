@@ -19,9 +19,9 @@ class CountingSampler(DeviceSampler):
     device_fed_steps = 0
     host_choices = 0  # choices the host waited for
 
-    def choose_later(self, logits, rows, into):
+    def choose_later(self, logits, rows, into, ring="decode"):
         CountingSampler.device_fed_steps += 1
-        return super().choose_later(logits, rows, into)
+        return super().choose_later(logits, rows, into, ring)
 
     def choose(self, logits, sequences):
         CountingSampler.host_choices += 1
@@ -99,6 +99,41 @@ def test_a_prompt_that_joins_running_decodes_gets_its_first_token_on_the_device(
                 answers.append([s.tokens for s in (*streams, joining)])
                 assert CountingSampler.host_choices == 0 or not overlap  # the host waited for no choice
             assert answers[0] == answers[1]
+
+
+def test_a_joining_prompts_first_token_survives_every_lane_and_ending():
+    """A prompt joins (its first token chosen on the device) after a lone sequence stopped (EOS)
+    with its wasted decode step still in flight, in lane 0 with a one-row decode next (its
+    token's landing buffer must not be the decode's), or beside others; it may have a limit of
+    1 (no decode step follows: read at once), or be cancelled while its first token is on the
+    device. Every answer equals step-by-step, greedy and seeded."""
+    rt = _runner(model)
+    stop = _generate(rt, PROMPTS[:1], set(), [6])[0][0][1]  # PROMPTS[0]'s second greedy token
+    for sampling in ({}, dict(temperature=0.9, top_k=40, seed=5)):
+        for width, first_limit, join, limit, eos, cancel in [
+                (1, 6, 1, 5, {stop}, False), (1, 6, 3, 5, {stop}, False), (1, 2, 2, 3, set(), False),
+                (2, 6, 1, 5, {stop}, False), (2, 2, 2, 1, set(), False), (2, 3, 2, 1, set(), False),
+                (2, 6, 2, 5, set(), True), (3, 6, 3, 2, {stop}, True)]:
+            answers = []
+            for overlap in (False, True):
+                sched = Scheduler(rt, eos, lambda ids: "", width=width, sampler=CountingSampler(rt.backend),
+                                  overlap=overlap, prefill_chunk=4)
+                first = sched.add(Prompt(PROMPTS[0]), GenerationConfig(max_new_tokens=first_limit, **sampling))
+                for _ in range(join):
+                    sched.step()
+                joining = [sched.add(Prompt(p), GenerationConfig(max_new_tokens=limit, **sampling))
+                           for p in PROMPTS[3:5]]
+                sched.step()
+                if cancel:
+                    sched.cancel(joining[0])
+                while not sched.idle:
+                    sched.step()
+                answers.append([(s.tokens, s.finish_reason) for s in (first, *joining)])
+                assert rt.cache.free_slots == rt.max_slots
+            where = (sampling, width, first_limit, join, limit, eos, cancel)
+            if cancel:  # the cancelled one stops where it stood; the others are unchanged
+                answers = [[a for i, a in enumerate(run) if i != 1] for run in answers]
+            assert answers[0] == answers[1], where
 
 
 def test_decode_steps_compute_the_running_sequences_only():

@@ -74,9 +74,9 @@ def _cache_whole(pipe) -> None:
 class CountingSampler(DeviceSampler):
     overlapped = 0  # choices left on the device for the next step
 
-    def choose_later(self, logits, rows, into):
+    def choose_later(self, logits, rows, into, ring="decode"):
         CountingSampler.overlapped += 1
-        return super().choose_later(logits, rows, into)
+        return super().choose_later(logits, rows, into, ring)
 
 
 def _device_sampled(pipe):

@@ -147,14 +147,16 @@ class DeviceSampler:
         """Copy one row's next token to another row, in stream order (after the step that chose it)."""
         buffer[dst:dst + 1].copy_(buffer[src:src + 1])
 
-    def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor):
+    def choose_later(self, logits: torch.Tensor, rows, into: torch.Tensor, ring: str = "decode"):
         """The next token of each row (rows[i]: its sequence, or None for a dummy row, chosen
         greedily) into the device buffer `into` (the next step's input tokens), without
         waiting for the GPU: settings and grammar masks go up through pinned memory and the
         tokens come back the same way. Returns a handle whose result() waits for that copy
         only (and moves the rows' grammars on). No repetition penalty or logprobs here: they
-        need the host's view of every token so far."""
-        key = (into.data_ptr(), into.shape[0])
+        need the host's view of every token so far. Each `ring` of callers has its own two
+        landing buffers per `into`: a first token chosen into lane 0 is read a step later,
+        with two decode steps' copies sent meanwhile into the same one-row slice."""
+        key = (into.data_ptr(), into.shape[0], ring)
         vocab = logits.shape[1]
         if key not in self._buffers:  # two landing buffers in turn: one is read while the next copy lands
             pinned = into.is_cuda

@@ -142,8 +142,8 @@ class ModelRunner:
         files keep theirs at 6-8 bits: 4-bit logits cost ~10x the KL divergence); "auto", on
         the torch CPU backend, each tensor's own precision (GGUF Q4_x -> int4, Q5_x..Q8_0 ->
         int8, float -> none). With dtype bfloat16 on a CPU that multiplies bf16 natively, the
-        weights left float are packed for its bf16 products ("bf16": a layout, not a rounding
-        beyond the dtype's)."""
+        weights left float are packed for its bf16 products, whatever `quantize` says ("bf16":
+        a layout, not a rounding beyond the dtype's; dtype float32 keeps torch's own products)."""
         asked = self.options.quantize
         weights, head = self._product_weights
         if asked in ("int8", "int4"):

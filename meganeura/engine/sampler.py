@@ -4,10 +4,10 @@ the Python API, the CLI and the server) and the host sampler, the reference.
 A sampler turns one step's float32 logits into tokens, one row per sequence:
 - `choose(logits, sequences) -> list[int]` waits for its tokens;
 - samplers with `overlaps = True` (on a GPU: backends/torch_sampling.py) also offer
-  `choose_later(logits, rows, into)`, which leaves the tokens on the device (the next step's
-  input, a `token_buffer(rows)` whose row a `put` sets from the host and a `move` copies to
-  another row, on the device) and returns a handle whose `result()` waits for their copy to
-  the host.
+  `choose_later(logits, rows, into, ring)`, which leaves the tokens on the device (the next
+  step's input, a `token_buffer(rows)` whose row a `put` sets from the host and a `move` copies
+  to another row, on the device) and returns a handle whose `result()` waits for their copy to
+  the host (`ring` names the caller's landing buffers: decode steps, or first tokens).
 Each sampler keeps the random state of the sequences it has seen (seeded from their settings),
 so a seeded answer is reproducible, and the grammar state of the constrained ones (`Grammars`,
 engine/grammar.py): their logits outside the grammar's mask are -inf before the choice, and

@@ -183,8 +183,8 @@ class Scheduler:
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
             self.pending = None
-        launch = self._launch(overlap)
         firsts, self._firsts = self._firsts, []
+        launch = self._launch(overlap)
         if launch is not None:
             launch.firsts = firsts
         elif firsts:  # no decode step to read them with: read them now
@@ -269,7 +269,7 @@ class Scheduler:
             seq.prefill_s = seq._decode_start - seq._prefill_start
             if on_device and seq.cfg.constraint is None:
                 into = self._next_tokens[seq.lane:seq.lane + 1]  # the next decode step's input for its lane
-                self._firsts.append((seq, self.sampler.choose_later(logits, [seq], into)))
+                self._firsts.append((seq, self.sampler.choose_later(logits, [seq], into, ring="first")))
                 self._in_flight[seq] = 1
                 continue
             [token] = self.sampler.choose(logits, [seq])

@@ -228,15 +228,16 @@ def create_app(pipe, config: ServerConfig) -> FastAPI:
         asked = req.constraint_fields()
         if len(asked) > 1:
             raise ApiError(400, f"give one of {', '.join(asked)}, not several", code="invalid_request")
-        if asked and req.ignore_eos:
-            raise ApiError(400, f"ignore_eos cannot go with {next(iter(asked))}: the grammar decides where the "
-                                "answer ends", code="invalid_request")
         for name, (arg, value) in asked.items():
             try:
-                return pipe.constraint(**{arg: value})
+                grammar = pipe.constraint(**{arg: value})
             except ValueError as e:
                 where = "" if str(e).startswith(name) else f"{name}: "
                 raise ApiError(400, f"{where}{e}", code="invalid_response_format") from None
+            if grammar is not None and req.ignore_eos:  # ({"type": "text"} asks for no grammar)
+                raise ApiError(400, f"ignore_eos cannot go with {name}: the grammar decides where the answer "
+                                    "ends", code="invalid_request")
+            return grammar
         return None
 
     def prepare(req: GenerationRequest, fetched: dict[str, bytes], grammar) -> tuple[object, GenerationConfig]:

@@ -71,6 +71,8 @@ class LazyTensors(Mapping):
     def drop_pages(self) -> None:
         """Give the mapped files' resident pages back (once the weights are loaded they only
         count in RSS); a later read faults them in again from the file or the page cache."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise
+            return
         for mapping in self.mappings:
             mapping.madvise(mmap.MADV_DONTNEED)
 
