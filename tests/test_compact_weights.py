@@ -89,6 +89,19 @@ def test_a_bfloat16_checkpoint_runs_in_bfloat16_on_the_cpu_by_default(tmp_path):
     assert meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="float32").runner.weight_form == "none"
 
 
+def test_a_cpu_without_bf16_products_keeps_float32_and_plain_weights(tmp_path, monkeypatch):
+    """Where the CPU has no native bf16 products, a bfloat16 checkpoint runs float32 by default,
+    and an explicit bfloat16 runs torch's plain bf16 products (no packed form)."""
+    import meganeura.backends.cpu_weights as cpu_weights
+    monkeypatch.setattr(cpu_weights, "bf16_products", lambda: False)
+    write_tiny_smolvlm_folder(tmp_path).to(torch.bfloat16).save_pretrained(tmp_path)
+    auto = meganeura.load(str(tmp_path), device="cpu", progress=False)
+    assert auto.runner.options.dtype == "float32" and auto.runner.weight_form == "none"
+    asked = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="bfloat16")
+    assert asked.runner.weight_form == "none" and not asked.runner.store.forms
+    assert len(asked.generate(_messages(12), max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+
 def test_float_checkpoint_keeps_float_weights_by_default(folder):
     pipe = meganeura.load(str(folder), device="cpu", progress=False)
     assert pipe.runner.weight_form == "none" and not pipe.runner.store.forms
