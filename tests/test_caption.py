@@ -58,18 +58,14 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.png"))
 
 
-def _rows_of(pipe, tiny, photos, tokens: int) -> list[dict]:
+@pytest.fixture(scope="module")
+def expected(pipe, tiny, photos) -> list[dict]:
     """The rows of a job over `photos`: one batched greedy pipe.generate call."""
     paths = listing(photos)
-    results = pipe.generate([ask(p) for p in paths], max_new_tokens=tokens)
+    results = pipe.generate([ask(p) for p in paths], max_new_tokens=TOKENS)
     return [{"path": p, "prompt": DEFAULT_PROMPT, "text": r.text, "finish_reason": r.finish_reason,
              "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids), "error": None,
              "model": str(tiny)} for p, r in zip(paths, results)]
-
-
-@pytest.fixture(scope="module")
-def expected(pipe, tiny, photos) -> list[dict]:
-    return _rows_of(pipe, tiny, photos, TOKENS)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -139,13 +135,16 @@ def test_real_smollm2_answers_a_table_of_prompts(tmp_path):
     assert "Paris" in rows[0]["text"]
 
 
-def _caption_command(tiny, photos, out, *extra, batch: int = 2, tokens: int = TOKENS) -> list[str]:
+def _caption_command(tiny, photos, out, *extra, batch: int = 2) -> list[str]:
     return [sys.executable, "-m", "meganeura.cli", "caption", str(photos), "--output", str(out), "--model", str(tiny),
-            "--device", "cpu", "--max-new-tokens", str(tokens), "--batch-size", str(batch), *extra]
+            "--device", "cpu", "--max-new-tokens", str(TOKENS), "--batch-size", str(batch), *extra]
 
 
 def _stop_after_parts(command, parts: Path, sig: int, count: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child whatever this process inherited: a shell runs a job
+    # put in the background with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while len(list(parts.glob("part-*"))) < count and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -155,13 +154,9 @@ def _stop_after_parts(command, parts: Path, sig: int, count: int) -> subprocess.
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def test_a_killed_job_restarted_ends_with_every_input_once(pipe, tiny, photos, tmp_path):
+def test_a_killed_job_restarted_ends_with_every_input_once(tiny, photos, expected, tmp_path):
     out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
-    # a part per row, each row long enough (~0.1 s) that the signals land before the job ends
-    # (with 8 tokens a row, a CI run once saw the whole job finish before its Ctrl-C was read)
-    tokens = 96
-    expected = _rows_of(pipe, tiny, photos, tokens)
-    command = _caption_command(tiny, photos, out, batch=1, tokens=tokens)
+    command = _caption_command(tiny, photos, out, batch=1)  # a part per row: many moments to stop it at
     stopped = _stop_after_parts(command, parts, signal.SIGINT, 1)  # Ctrl-C: commits what is done, exits 130
     assert stopped.returncode == 130 and "run the same command to go on" in stopped.stderr, stopped.stderr
     after_ctrl_c = len(list(parts.glob("part-*")))
@@ -170,8 +165,8 @@ def test_a_killed_job_restarted_ends_with_every_input_once(pipe, tiny, photos, t
     committed = [json.loads(line) for part in parts.glob("part-*.jsonl") for line in part.read_text().splitlines()]
     assert 0 < len(committed) < len(expected) and len({r["index"] for r in committed}) == len(committed)
 
-    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5", batch=1, tokens=tokens),
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    other = subprocess.run(_caption_command(tiny, photos, out, "--temperature", "0.5", batch=1), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "holds the parts of another job (its settings differ)" in other.stderr
 
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
