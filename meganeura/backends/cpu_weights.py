@@ -191,25 +191,40 @@ def bf16_products() -> bool:
 
 # ---- making the forms ------------------------------------------------------------------------
 
-def quantize_int4(w: torch.Tensor) -> Int4Weight:
-    """Per group of 32 along k: d = (max - min) / 15, m = min, q = round((w - m) / d)."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // GROUP, GROUP)
+def _by_row_chunks(w: torch.Tensor, quantize_rows) -> list[torch.Tensor]:
+    """quantize_rows (rows -> tensors) over chunks of rows, each output concatenated: the float
+    temporaries never exist for the whole weight at once (a 49152 x 576 embedding table is
+    113 MB in float32, and quantizing it whole took several such copies)."""
+    parts = [quantize_rows(w[i:i + _PACK_CHUNK].float()) for i in range(0, len(w), _PACK_CHUNK)]
+    return [torch.cat(outputs) for outputs in zip(*parts)]
+
+
+def _int4_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    n, k = rows.shape
+    g = rows.reshape(n, k // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
     d = (hi - lo) / 15
     q = torch.where(d[..., None] > 0, ((g - lo[..., None]) / d.clamp_min(1e-30)[..., None]).round(), 0)
     q = q.clamp(0, 15).to(torch.uint8)
-    codes = q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)
-    return Int4Weight(codes.reshape(n, k // 2).contiguous(), d.contiguous(), lo.contiguous())
+    return (q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)).reshape(n, k // 2), d, lo
+
+
+def _int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    n, k = rows.shape
+    g = rows.reshape(n, k // GROUP, GROUP)
+    d = g.abs().amax(-1) / 127
+    q = torch.where(d[..., None] > 0, g / d.clamp_min(1e-30)[..., None], 0).round().clamp(-127, 127)
+    return q.to(torch.int8).reshape(n, k), d
+
+
+def quantize_int4(w: torch.Tensor) -> Int4Weight:
+    """Per group of 32 along k: d = (max - min) / 15, m = min, q = round((w - m) / d)."""
+    return Int4Weight(*_by_row_chunks(w, _int4_rows))
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
     """Symmetric per group of 32 along k (Q8_0's form): d = max|w| / 127, q = round(w / d)."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // GROUP, GROUP)
-    d = g.abs().amax(-1) / 127
-    q = torch.where(d[..., None] > 0, g / d.clamp_min(1e-30)[..., None], 0).round().clamp(-127, 127)
-    return Int8Weight(q.to(torch.int8).reshape(n, k).contiguous(), d.contiguous())
+    return Int8Weight(*_by_row_chunks(w, _int8_rows))
 
 
 def _f16(blocks: np.ndarray, at: int) -> torch.Tensor:
