@@ -119,3 +119,14 @@ def test_packing_drops_the_forms_numbers_unless_rows_are_looked_up(form, numbers
     for w in (table, plain):
         w.product(_rows(64), torch.float32)
     assert torch.equal(table[torch.tensor([1, 2])], rows) and getattr(plain, numbers) is None
+
+
+@pytest.mark.parametrize("form, fields", [("int4", ("codes", "scales", "mins")), ("int8", ("values", "scales"))])
+def test_quantizing_in_row_chunks_gives_each_row_as_alone(form, fields):
+    """Float weights are quantized 4,096 rows at a time (bounded temporaries): a weight spanning
+    three chunks gets, row for row, the numbers its rows get when quantized on their own."""
+    w = _weight((9000, 64))
+    whole = make_weight(w, form)
+    for rows in (slice(0, 10), slice(4090, 4100), slice(8990, 9000)):
+        alone = make_weight(w[rows], form)
+        assert all(torch.equal(getattr(whole, f)[rows], getattr(alone, f)) for f in fields)
