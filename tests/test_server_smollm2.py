@@ -138,14 +138,17 @@ def test_disconnect_frees_the_slot_at_once(pipe):
     assert metric(page, "meganeura_request_duration_seconds_count") == 1  # only the short one finished
 
 
-def test_full_queue_is_429_with_retry_after(pipe):
+def test_full_queue_is_429_with_retry_after():
+    # A pipeline of its own, without the prefix cache: after the tests above, the story's prompt is
+    # a prefix-cache hit, and on the CPU that hit changed its greedy answer at token 9 (to be
+    # found: docs/perf.md, issue 13), so the story could end before the queue was read.
+    pipe = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False, prefix_cache=False)
     waiting = {}
     question = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 8, "temperature": 0}
     with serving(pipe, max_batch=1, max_queue=1, max_context=CONTEXT) as url:
         expected = httpx.post(url + "/v1/chat/completions", json=question, timeout=60).json()
         with httpx.stream("POST", url + "/v1/chat/completions",
-                          json={"model": MODEL, "messages": [user(LONG)], "max_tokens": 500, "stream": True,
-                                "ignore_eos": True}) as r:  # holds the only slot until its client leaves
+                          json={"model": MODEL, "messages": [user(LONG)], "max_tokens": 500, "stream": True}) as r:
             next(r.iter_lines())
             queued = threading.Thread(target=lambda: waiting.update(r=httpx.post(
                 url + "/v1/chat/completions", json=question, timeout=60)))
