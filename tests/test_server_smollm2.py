@@ -140,8 +140,8 @@ def test_disconnect_frees_the_slot_at_once(pipe):
 
 def test_full_queue_is_429_with_retry_after():
     # A pipeline of its own, without the prefix cache: after the tests above, the story's prompt is
-    # a prefix-cache hit, and on the CPU that hit changed its greedy answer at token 9 (to be
-    # found: docs/perf.md, issue 13), so the story could end before the queue was read.
+    # a prefix-cache hit, which changed its greedy answer at token 9 (a near-tie at the 4-bit
+    # forms' bf16 logits: docs/perf.md), so the story could end before the queue was read.
     pipe = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False, prefix_cache=False)
     waiting = {}
     question = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 8, "temperature": 0}
