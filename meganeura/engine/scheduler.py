@@ -123,7 +123,6 @@ class Scheduler:
         self._next_tokens = None                  # device, one per lane: each lane's next input token
         self._unchosen = False                    # the step just sent waits to choose (a grammar): lane moves wait too
         self._moves: list[tuple[int, int]] = []   # (from, to) lane moves held back meanwhile
-        self._firsts: list[tuple[Sequence, object]] = []  # first tokens chosen on the device this step
 
     @property
     def idle(self) -> bool:
@@ -179,11 +178,11 @@ class Scheduler:
     def _step(self) -> list[tuple[Sequence, str]]:
         events = self._admit()
         overlap = self.overlap and not any(s.cfg.host_paced for s in self.running.values())
-        events += self._prefill(on_device=overlap and self.pending is not None)
+        prefilled, firsts = self._prefill(on_device=overlap and self.pending is not None)
+        events += prefilled
         if not overlap and self.pending is not None:  # the host needs every token before the next step
             events += self._resolve(self.pending)
             self.pending = None
-        firsts, self._firsts = self._firsts, []
         launch = self._launch(overlap)
         if launch is not None:
             launch.firsts = firsts
@@ -232,14 +231,16 @@ class Scheduler:
             self.prefilling.append(seq)
         return events
 
-    def _prefill(self, on_device: bool) -> list[tuple[Sequence, str]]:
+    def _prefill(self, on_device: bool) -> tuple[list[tuple[Sequence, str]], list[tuple[Sequence, object]]]:
         """Prefill up to `prefill_chunk` prompt tokens, oldest prompts first (every waiting token
         when no sequence is decoding: then nobody waits on the chunks); a prompt that is done
         gets its first token and its full blocks are kept in the prefix cache. `on_device`
         (decodes in flight): a free first token is chosen on the device and read with the next
-        decode step's tokens, so the streams in flight never wait for the last chunk."""
+        decode step's tokens, so the streams in flight never wait for the last chunk: returns
+        (events, those first tokens' handles)."""
         decoding = any(not seq.prefilling for seq in self.running.values())
-        events, budget = [], self.prefill_chunk if decoding else self.runner.max_seq * len(self.prefilling)
+        events, firsts = [], []
+        budget = self.prefill_chunk if decoding else self.runner.max_seq * len(self.prefilling)
         while self.prefilling and budget > 0:
             seq = self.prefilling[0]
             p = seq.prompt
@@ -269,14 +270,14 @@ class Scheduler:
             seq.prefill_s = seq._decode_start - seq._prefill_start
             if on_device and seq.cfg.constraint is None:
                 into = self._next_tokens[seq.lane:seq.lane + 1]  # the next decode step's input for its lane
-                self._firsts.append((seq, self.sampler.choose_later(logits, [seq], into, ring="first")))
+                firsts.append((seq, self.sampler.choose_later(logits, [seq], into, ring="first")))
                 self._in_flight[seq] = 1
                 continue
             [token] = self.sampler.choose(logits, [seq])
             if self._next_tokens is not None:  # the overlapped decode in flight did not have it
                 self.sampler.put(self._next_tokens, seq.lane, token)
             events.append((seq, self._advance(seq, token)))
-        return events
+        return events, firsts
 
     def _launch(self, overlap: bool) -> _Launch | None:
         """Send one decode step for every running sequence that may still need a token."""
