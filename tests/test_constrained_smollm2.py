@@ -151,20 +151,37 @@ class _Overlapping:
     def __init__(self, backend):
         from meganeura.backends.torch_sampling import DeviceSampler
 
+        from meganeura.engine.sampler import Grammars
+
+        class CountingGrammars(Grammars):
+            settled = refused = 0  # greedy rows chosen without a mask, and of those, refused
+
+            def settle_greedy(self, seq, logits, best=None):
+                token, refused = super().settle_greedy(seq, logits, best)
+                CountingGrammars.settled += 1
+                CountingGrammars.refused += refused
+                return token, refused
+
         class Counting(DeviceSampler):
             masked_later = 0
+
+            def __init__(self, backend):
+                super().__init__(backend)
+                self.grammars = CountingGrammars()
 
             def choose_later(self, logits, rows, into, ring="decode"):
                 Counting.masked_later += any(s is not None and s.cfg.constraint is not None for s in rows)
                 return super().choose_later(logits, rows, into, ring)
-        self.sampler, self.counting = Counting(backend), Counting
+        self.sampler, self.counting, self.grammars = Counting(backend), Counting, CountingGrammars
 
 
 def test_overlapped_constrained_decode_equals_step_by_step(pipe):
     """On a GPU a constrained step's choice is sent after the previous step's tokens reach the
     host (the grammar needs them), while the next decode already runs; lanes that move as
     sequences finish move after that choice. Same answers as step by step, with free and
-    constrained rows of different lengths finishing at different times."""
+    constrained rows of different lengths finishing at different times. Greedy constrained
+    rows speculate: the grammar refuses some of their unmasked choices, whose next step is
+    dropped and sent again, and the answers stay those of the masked choice."""
     from meganeura.engine.scheduler import Scheduler
     cfgs = [GenerationConfig(max_new_tokens=LIMIT, constraint=pipe.constraint(json_schema=SCHEMAS["array"])),
             GenerationConfig(max_new_tokens=3),
@@ -183,6 +200,41 @@ def test_overlapped_constrained_decode_equals_step_by_step(pipe):
             assert sorted(sched.running) == list(range(len(sched.running)))
         answers.append([(s.tokens, s.finish_reason) for s in seqs])
         assert (made.counting.masked_later > 5) == overlap
+        if overlap:
+            assert 0 < made.grammars.refused < made.grammars.settled  # some speculation refused, some taken
     assert answers[0] == answers[1]
     assert [reason for _, reason in answers[1]] == ["stop", "length", "stop", "length", "stop"]
     jsonschema.validate(json.loads(pipe.tokenizer.decode(answers[1][0][0])), SCHEMAS["array"])  # the end token is not kept
+
+
+def test_overlapped_constrained_random_mixes_equal_step_by_step(pipe):
+    """Seeded random batches (widths, limits, greedy and sampled, free and constrained rows
+    of every kind) give the same answers overlapped as step by step: refused speculations,
+    lanes moving as rows finish, and choices that wait for a grammar, in any order."""
+    import random
+
+    from meganeura.engine.scheduler import Scheduler
+    kinds = [dict(json_schema=SCHEMAS[name]) for name in SCHEMAS]
+    kinds += [dict(regex=r"[a-z]{2,9}( [0-9]+)?"), dict(choice=["yes", "no", "maybe so"])]
+    refused = 0
+    for seed in range(3):
+        rng = random.Random(seed)
+        cfgs = []
+        for i in range(rng.randint(3, 6)):
+            extra = {"temperature": 0.8, "seed": i} if rng.random() < 0.3 else {}
+            if rng.random() < 0.7:
+                extra["constraint"] = pipe.constraint(**rng.choice(kinds))
+            cfgs.append(GenerationConfig(max_new_tokens=rng.choice([1, 2, 5, LIMIT]), **extra))
+        texts, width = rng.sample(TEXTS, len(cfgs)), rng.randint(2, 4)
+        answers = []
+        for overlap in (False, True):
+            made = _Overlapping(pipe.runner.backend)
+            sched = Scheduler(pipe.runner, pipe.eos_ids, pipe._decode, width, made.sampler, overlap=overlap)
+            seqs = [sched.add(Prompt(np.array(pipe.tokenizer.encode(t, add_special_tokens=False).ids)), cfg)
+                    for t, cfg in zip(texts, cfgs)]
+            while not sched.idle:
+                sched.step()
+            answers.append([(s.tokens, s.finish_reason) for s in seqs])
+            refused += made.grammars.refused
+        assert answers[0] == answers[1], f"seed {seed}"
+    assert refused > 0

@@ -149,3 +149,36 @@ def test_choice_is_one_of_the_strings(vocab):
         [tokens] = _walk(sampler, lambda r: rng.standard_normal((r, n)).astype(np.float32),
                          [Seq(GenerationConfig(constraint=c, temperature=1.0, seed=seed))], 20, eos)
         assert tokens[-1] == eos and tok.decode(tokens[:-1]) in ("alpha", "beta gamma")
+
+
+def test_greedy_check_first_equals_the_masked_choice(vocab):
+    """The host sampler checks a greedy row's best token before masking (settle_greedy): on
+    logits whose best token is allowed every other step, each choice equals the masked
+    argmax of an independent matcher, refusals and acceptances both happen, and the row ends
+    with the end token once the grammar is complete (llguidance's matcher is then stopped)."""
+    from meganeura.engine.grammar import mask_words, unpack
+    tok, eos, n, lltok = vocab
+    c = constraint(regex=r"[a-z]{1,6}(, [0-9]{1,2}){0,3}").bind(lltok)
+    sampler, seq, witness = HostSampler(NumpyBackend(CompileOptions(backend="numpy"))), \
+        Seq(GenerationConfig(constraint=c)), c.matcher()
+    rng = np.random.default_rng(3)
+    refused = taken = 0
+    answer = []
+    for step in range(40):
+        mask = np.zeros((1, mask_words(n)), np.int32)
+        witness.fill_mask(mask[0])
+        allowed = np.flatnonzero(unpack(mask, n)[0])
+        x = rng.standard_normal((1, n)).astype(np.float32)
+        if step % 2:  # lift an allowed token (the end token only if nothing else is) to the top
+            x[0, rng.choice(allowed[allowed != eos] if len(allowed) > 1 else allowed)] = x.max() + 1
+        expected = int(allowed[np.argmax(x[0, allowed])])
+        taken += int(np.argmax(x[0])) == expected
+        refused += int(np.argmax(x[0])) != expected
+        [token] = sampler.choose(x, [seq])
+        assert token == expected
+        if token == eos:
+            break
+        witness.advance(token)
+        answer.append(token)
+    assert token == eos and refused and taken
+    assert re.fullmatch(r"[a-z]{1,6}(, [0-9]{1,2}){0,3}", tok.decode(answer))

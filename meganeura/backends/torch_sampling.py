@@ -15,7 +15,11 @@ the forbidden tokens (one vocab-sized bool row each: one upload and one fill on 
 fewer launches than unpacking bits there), and applied before the choice. `choose_later` takes
 them too: the overlapped scheduler sends decode k, then waits for step k-1's tokens (which move
 the grammars on), then asks for step k's choice, so the grammar's host work overlaps the
-device's decode.
+device's decode. Greedy constrained rows are not masked in `choose_later` (they speculate:
+engine/sampler.py): their unmasked choice feeds the next step like a free row's, and their
+logits land on the host beside the tokens; when the grammar refuses the token, `result()`
+replaces it with the best allowed one and names the row in `refused`, whose next step (sent
+with the refused token) the scheduler drops and sends again.
 """
 
 from __future__ import annotations
@@ -55,15 +59,26 @@ def forbidden(masks, rows: int, vocab: int) -> np.ndarray:
 
 class _HostTokens:
     """Token ids on their way to the host: result() waits for their copy only, and moves the
-    grammars of the constrained rows on."""
+    grammars of the constrained rows on (settling the speculating ones: `refused` lists the
+    rows whose token the grammar refused and result() replaced)."""
 
-    def __init__(self, tokens, done, grammars: Grammars, rows) -> None:
+    def __init__(self, tokens, done, grammars: Grammars, rows, speculating=(), logits=None) -> None:
         self.tokens, self.done, self.grammars, self.rows = tokens, done, grammars, rows
+        self.speculating, self.logits = speculating, logits  # rows chosen unmasked; the step's logits, on the host
+        self.refused: list[int] = []
 
-    def result(self) -> np.ndarray:
+    def result(self, rows=None) -> np.ndarray:
+        """rows: the sequences still waiting for these tokens, by row (None: a row nobody
+        reads any more, whose grammar must not move); by default those chosen for."""
         self.done.synchronize()
         tokens = self.tokens.numpy().copy()
-        self.grammars.advance(self.rows, tokens)
+        rows = self.rows if rows is None else rows
+        for i in self.speculating:
+            if i < len(rows) and rows[i] is not None:
+                tokens[i], refused = self.grammars.settle_greedy(rows[i], self.logits[i].numpy(), int(tokens[i]))
+                if refused:
+                    self.refused.append(i)
+        self.grammars.advance([None if i in self.speculating else seq for i, seq in enumerate(rows)], tokens)
         return tokens
 
 
@@ -135,6 +150,10 @@ class DeviceSampler:
                                      ids[:k])
         return tokens
 
+    def waits_for_grammar(self, seq) -> bool:
+        """Whether seq's overlapped choice needs its mask, so the tokens before it on the host."""
+        return seq is not None and seq.cfg.constraint is not None and not self.grammars.speculates(seq)
+
     def token_buffer(self, rows: int) -> torch.Tensor:
         """A device buffer of next input tokens, one per row (what choose_later writes)."""
         return self.backend.from_host(np.zeros(rows), "u32")
@@ -162,10 +181,12 @@ class DeviceSampler:
             pinned = into.is_cuda
             self._buffers[key] = (torch.zeros((3, len(rows)), device=into.device),
                                   torch.zeros((len(rows), vocab), dtype=torch.bool, device=into.device),
-                                  [torch.empty(into.shape, dtype=into.dtype, pin_memory=pinned) for _ in range(2)])
-        setting, flags, landing = self._buffers[key]
+                                  [torch.empty(into.shape, dtype=into.dtype, pin_memory=pinned) for _ in range(2)],
+                                  [None, None])  # logits landing, made when a row first speculates
+        setting, flags, landing, logits_landing = self._buffers[key]
         x = logits
-        masks = self.grammars.masks(rows, vocab)
+        speculating = {i for i, s in enumerate(rows) if self.grammars.speculates(s)}
+        masks = self.grammars.masks([None if i in speculating else s for i, s in enumerate(rows)], vocab)
         if masks is not None:  # every row's flags go up (none set if free): one staging shape, one fill
             self.backend.write(flags, forbidden(masks, len(rows), vocab), "bool")
             x = logits.masked_fill(flags, float("-inf"))
@@ -176,11 +197,18 @@ class DeviceSampler:
             into.copy_(x.argmax(-1))
         landing.reverse()
         landing[0].copy_(into, non_blocking=into.is_cuda)
+        host_logits = None
+        if speculating:  # read on the host only if the grammar refuses a token
+            logits_landing.reverse()
+            if logits_landing[0] is None:
+                logits_landing[0] = torch.empty(logits.shape, dtype=torch.float32, pin_memory=into.is_cuda)
+            host_logits = logits_landing[0]
+            host_logits.copy_(logits, non_blocking=into.is_cuda)
         if not into.is_cuda:  # a CPU stand-in (tests): the copy is already done
-            return _HostTokens(landing[0], _Done(), self.grammars, rows)
+            return _HostTokens(landing[0], _Done(), self.grammars, rows, speculating, host_logits)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(into.device))
-        return _HostTokens(landing[0], done, self.grammars, rows)
+        return _HostTokens(landing[0], done, self.grammars, rows, speculating, host_logits)
 
 
 class _Done:

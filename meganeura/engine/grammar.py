@@ -45,14 +45,15 @@ class Constraint:
     def matcher(self) -> Matcher:
         if self.tokenizer is None:
             raise ValueError("this constraint is not bound to a tokenizer (Constraint.bind)")
-        return Matcher(_llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0))
+        return Matcher(_llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0),
+                       frozenset(self.tokenizer.eos_tokens))
 
 
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher) -> None:
-        self._m = matcher
+    def __init__(self, matcher, eos: frozenset[int]) -> None:
+        self._m, self._eos = matcher, eos
         self._check()
 
     def fill_mask(self, row: np.ndarray) -> None:
@@ -64,6 +65,15 @@ class Matcher:
     def advance(self, token: int) -> None:
         self._m.consume_token(token)
         self._check()
+
+    def try_advance(self, token: int) -> bool:
+        """Move on by token if the grammar allows it there (True); else stay (False). Costs
+        microseconds where a mask may cost a millisecond: a greedy choice is checked first."""
+        if self._m.is_stopped():  # the grammar is complete: only an end token may follow (llguidance consumes none)
+            return token in self._eos
+        taken = self._m.try_consume_tokens([token]) == 1
+        self._check()
+        return taken
 
     def _check(self) -> None:
         if self._m.is_error():  # only a bug or a grammar past llguidance's limits gets here

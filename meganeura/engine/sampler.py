@@ -6,12 +6,20 @@ A sampler turns one step's float32 logits into tokens, one row per sequence:
 - samplers with `overlaps = True` (on a GPU: backends/torch_sampling.py) also offer
   `choose_later(logits, rows, into, ring)`, which leaves the tokens on the device (the next
   step's input, a `token_buffer(rows)` whose row a `put` sets from the host and a `move` copies
-  to another row, on the device) and returns a handle whose `result()` waits for their copy to
-  the host (`ring` names the caller's landing buffers: decode steps, or first tokens).
+  to another row, on the device) and returns a handle whose `result(rows)` waits for their copy
+  to the host (`ring` names the caller's landing buffers: decode steps, or first tokens; the
+  handle's `refused` names rows whose unmasked token the grammar replaced), and
+  `waits_for_grammar(seq)`: whether seq's choice needs the tokens before it on the host.
 Each sampler keeps the random state of the sequences it has seen (seeded from their settings),
 so a seeded answer is reproducible, and the grammar state of the constrained ones (`Grammars`,
 engine/grammar.py): their logits outside the grammar's mask are -inf before the choice, and
-the chosen token moves their grammar on.
+the chosen token moves their grammar on. A greedy constrained row is first chosen without
+its mask and the grammar asked whether it allows that token (`Grammars.settle_greedy`): when
+it does, that token is the masked choice too (the best of all is the best of the allowed), so
+the mask, costlier than the check, is computed only for tokens the grammar refuses. The host
+sampler always checks first; the device sampler's overlapped choice (which has sent the next
+step by the time the host can check) speculates only while a row's refusals are rare
+(`Grammars.speculates`): a refusal there costs that row a step.
 """
 
 from __future__ import annotations
@@ -102,6 +110,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return int(rng.choice(p.size, p=p))
 
 
+def greedy_constrained(seq) -> bool:
+    """A row whose masked choice is its best allowed token (one that may be checked, not masked)."""
+    return seq is not None and seq.cfg.constraint is not None and seq.cfg.greedy and not seq.cfg.penalizes
+
+
 def history(seq) -> list[int]:
     """Prompt and answer tokens of a sequence (what a repetition penalty looks at)."""
     return list(seq.prompt.token_ids) + seq.tokens
@@ -109,10 +122,19 @@ def history(seq) -> list[int]:
 
 class Grammars:
     """The grammar state of each constrained sequence a sampler has seen (kept with the
-    sequence's lifetime), and the masks of a step's rows."""
+    sequence's lifetime), the masks of a step's rows, and how often each greedy row's best
+    token was refused lately (a moving average: `REFUSALS_KEPT` of it stays each step)."""
+
+    REFUSALS_KEPT = 0.8
+    SPECULATE_BELOW = 0.25  # refused share under which a row speculates: a refused step costs ~4 masks
 
     def __init__(self) -> None:
         self._matchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def speculates(self, seq) -> bool:
+        """Whether an overlapped choice of seq goes without its mask, to be settled later."""
+        return greedy_constrained(seq) and self._refused.get(seq, 0.0) < self.SPECULATE_BELOW
 
     def masks(self, rows, vocab: int) -> tuple[list[int], np.ndarray] | None:
         """(indices of the constrained rows, their bitmasks int32 [n, words]); None when no row
@@ -122,17 +144,37 @@ class Grammars:
             return None
         masks = np.zeros((len(constrained), mask_words(vocab)), np.int32)
         for row, i in zip(masks, constrained):
-            seq = rows[i]
-            matcher = self._matchers.get(seq)
-            if matcher is None:
-                matcher = self._matchers[seq] = seq.cfg.constraint.matcher()
-            matcher.fill_mask(row)
+            self.matcher(rows[i]).fill_mask(row)
+            if rows[i] in self._refused:  # a masked step counts as accepted: a row that stopped speculating tries again
+                self._refused[rows[i]] *= self.REFUSALS_KEPT
         return constrained, masks
+
+    def matcher(self, seq):
+        found = self._matchers.get(seq)
+        if found is None:
+            found = self._matchers[seq] = seq.cfg.constraint.matcher()
+        return found
 
     def advance(self, rows, tokens) -> None:
         for seq, token in zip(rows, tokens):
             if seq is not None and seq.cfg.constraint is not None:
-                self._matchers[seq].advance(int(token))
+                self.matcher(seq).advance(int(token))
+
+    def settle_greedy(self, seq, logits, best: int | None = None) -> tuple[int, bool]:
+        """A speculating row's token: its best token (`best`, or the argmax of its host logits,
+        float32 [vocab]) if the grammar allows it, else the best token it allows (`logits` is
+        read only then); the grammar moves on by it. Returns (token, whether best was refused)."""
+        matcher = self.matcher(seq)
+        best = int(np.argmax(logits)) if best is None else best
+        taken = matcher.try_advance(best)
+        self._refused[seq] = self._refused.get(seq, 0.0) * self.REFUSALS_KEPT + (1 - self.REFUSALS_KEPT) * (not taken)
+        if taken:
+            return best, False
+        mask = np.zeros((1, mask_words(logits.shape[-1])), np.int32)
+        matcher.fill_mask(mask[0])
+        token = int(np.argmax(np.where(unpack(mask, logits.shape[-1])[0], logits, -np.inf)))
+        matcher.advance(token)
+        return token, True
 
 
 @dataclass(frozen=True)
@@ -189,16 +231,20 @@ class HostSampler:
         return gen
 
     def choose(self, logits, sequences) -> list[int]:
-        masks = self.grammars.masks(sequences, logits.shape[-1])
         host = self.backend.to_host(logits)
         raw = {i: log_softmax(host[i]) for i in self.logprobs.wanted(sequences)}
+        settled = {i: self.grammars.settle_greedy(seq, host[i])[0]
+                   for i, seq in enumerate(sequences) if greedy_constrained(seq)}
+        rest = [None if i in settled else seq for i, seq in enumerate(sequences)]
+        masks = self.grammars.masks(rest, host.shape[1])
         if masks is not None:
             rows, bits = masks
             host = host.copy()  # the backend's logits may be its own buffer
             host[rows] = np.where(unpack(bits, host.shape[1]), host[rows], -np.inf)
-        tokens = [sample(x, seq.cfg, self.rng(seq), history(seq) if seq.cfg.penalizes else ())
-                  for seq, x in zip(sequences, host)]
-        self.grammars.advance(sequences, tokens)
+        tokens = [settled[i] if i in settled
+                  else sample(x, seq.cfg, self.rng(seq), history(seq) if seq.cfg.penalizes else ())
+                  for i, (seq, x) in enumerate(zip(sequences, host))]
+        self.grammars.advance(rest, tokens)
         for i, lp in raw.items():
             k = sequences[i].cfg.logprobs
             top = np.argpartition(-lp, k)[:k]

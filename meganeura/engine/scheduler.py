@@ -23,10 +23,13 @@ With a sampler that `overlaps` (on a GPU), decoding is overlapped (unless `overl
 step k sends decode k, whose input tokens are decode k-1's device-side choices, before it
 waits for decode k-1's tokens on the host, so the GPU never idles on the host's bookkeeping. A
 sequence that stops (end token, stop string) at k-1 was computed once more at k; that row is
-dropped. A grammar needs the token of k-1 to mask the choice of k: with a constrained sequence
-running, step k's choice is sent after k-1's tokens reached the host (decode k runs
-meanwhile). A repetition penalty or logprobs need every token on the host: while a sequence
-with one runs, steps go one by one.
+dropped. A grammar needs the token of k-1 to mask the choice of k: with a sampled constrained
+sequence running, step k's choice is sent after k-1's tokens reached the host (decode k runs
+meanwhile). A greedy constrained sequence speculates instead (engine/sampler.py): its choice
+at k-1 is sent unmasked like a free one; if the grammar refuses it when it reaches the host,
+the sampler gives the best allowed token, and that sequence's row in decode k (fed the refused
+token) is dropped and sent again at the next step. A repetition penalty or logprobs need every
+token on the host: while a sequence with one runs, steps go one by one.
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ class _Launch:
 @dataclass
 class _Ready:
     tokens: dict[int, int]
+    refused: tuple = ()
 
-    def result(self) -> dict[int, int]:
+    def result(self, rows=None) -> dict[int, int]:
         return self.tokens
 
 
@@ -121,8 +125,8 @@ class Scheduler:
         self.pending: _Launch | None = None       # an overlapped decode whose tokens are still on the device
         self._in_flight: dict[Sequence, int] = {}
         self._next_tokens = None                  # device, one per lane: each lane's next input token
-        self._unchosen = False                    # the step just sent waits to choose (a grammar): lane moves wait too
-        self._moves: list[tuple[int, int]] = []   # (from, to) lane moves held back meanwhile
+        self._unchosen = False                    # the step just sent waits to choose (a grammar): lane writes wait too
+        self._held: list[Callable[[], None]] = []  # next-token writes (lane moves, puts) held back meanwhile
 
     @property
     def idle(self) -> bool:
@@ -191,13 +195,13 @@ class Scheduler:
         self.last_decode_batch = len(launch.seqs) if launch else 0
         if overlap and self.pending is not None:
             self._unchosen = launch is not None and launch.tokens is None
-            events += self._resolve(self.pending)
+            events += self._resolve(self.pending, sent=launch)
             self._unchosen = False
         if launch is not None and launch.tokens is None:  # a grammar waited for the tokens just resolved
             launch.tokens = launch.choose()
-            for src, dst in self._moves:  # lanes that moved meanwhile: after the choice wrote them
-                self.sampler.move(self._next_tokens, src, dst)
-            self._moves.clear()
+            for write in self._held:  # lanes written meanwhile: after the choice wrote them
+                write()
+            self._held.clear()
         self.pending = launch if overlap else None
         if launch is not None and not overlap:
             events += self._resolve(launch)
@@ -301,33 +305,57 @@ class Scheduler:
                 self._next_tokens = self.sampler.token_buffer(self.runner.decode_rows(self.width))
             rows = [seqs.get(lane) for lane in lanes]
             into = self._next_tokens[:len(lanes)]
-            if any(seq is not None and seq.cfg.constraint is not None for seq in rows):
-                # chosen once the step in flight has moved the grammars on; who finished by then is a dummy row
-                return _Launch(seqs, None, lambda: self.sampler.choose_later(
-                    logits, [s if s is not None and s.finish_reason is None else None for s in rows], into))
+            if any(self.sampler.waits_for_grammar(seq) for seq in rows):
+                # chosen once the step in flight has moved the grammars on; who finished or was dropped by then
+                # is a dummy row
+                launch = _Launch(seqs, None)
+                launch.choose = lambda: self.sampler.choose_later(logits, self._live_rows(launch, len(lanes)), into)
+                return launch
             return _Launch(seqs, self.sampler.choose_later(logits, rows, into))
         rows = [row for row, lane in enumerate(lanes) if lane in seqs]
         picked = logits if len(rows) == len(lanes) else logits[rows]
         chosen = self.sampler.choose(picked, [seqs[lanes[row]] for row in rows])
         return _Launch(seqs, _Ready({lanes[row]: token for row, token in zip(rows, chosen)}))
 
-    def _resolve(self, launch: _Launch) -> list[tuple[Sequence, str]]:
+    @staticmethod
+    def _live_rows(launch: _Launch, rows: int) -> list:
+        """A step's rows by lane: the sequences still waiting for its tokens, else None."""
+        return [seq if seq is not None and seq.finish_reason is None else None
+                for seq in (launch.seqs.get(lane) for lane in range(rows))]
+
+    def _resolve(self, launch: _Launch, sent: _Launch | None = None) -> list[tuple[Sequence, str]]:
         """Wait for a decode step's tokens and move its sequences on (those that finished or
-        were cancelled meanwhile are skipped: their row was a wasted guess)."""
+        were cancelled meanwhile are skipped: their row was a wasted guess). `sent`: the step
+        sent after it, whose rows fed a token the grammar refused are dropped."""
         events = []
         for seq, first in launch.firsts:  # each sequence's first token comes before its decode token
             if seq.finish_reason is None:
                 self._in_flight[seq] -= 1
                 events.append((seq, self._advance(seq, int(first.result()[0]))))
-        tokens = launch.tokens.result()
+        tokens = launch.tokens.result(self._live_rows(launch, max(launch.seqs, default=-1) + 1))
+        refused = set(launch.tokens.refused)
         for lane, seq in launch.seqs.items():
             if seq.finish_reason is not None:
                 continue
             self._in_flight[seq] -= 1
             seq.decode_steps += 1
+            if lane in refused:
+                self._redo(seq, int(tokens[lane]), sent)
             events.append((seq, self._advance(seq, int(tokens[lane]))))
         self._in_flight = {s: n for s, n in self._in_flight.items() if n and s.finish_reason is None}
         return events
+
+    def _redo(self, seq: Sequence, token: int, sent: _Launch | None) -> None:
+        """The grammar replaced seq's token: its row in the step sent since (fed the refused
+        token) is dropped, its position goes back, and the next step feeds it `token`."""
+        lane = next((lane for lane, s in sent.seqs.items() if s is seq), None) if sent is not None else None
+        if lane is not None:
+            del sent.seqs[lane]
+            self._in_flight[seq] -= 1
+            seq.position -= 1
+        if self._next_tokens is not None:
+            lane = seq.lane  # now: it may move before a held write runs
+            self._write(lambda: self.sampler.put(self._next_tokens, lane, token))
 
     def _advance(self, seq: Sequence, token: int) -> str:
         if token in self.eos_ids and not seq.cfg.ignore_eos:
@@ -353,8 +381,15 @@ class Scheduler:
         if last is not seq:  # the highest lane moves into the freed one: lanes stay dense
             last.lane = seq.lane
             self.running[seq.lane] = last
-            if self._unchosen:  # the step sent last has not chosen yet: move after it does
-                self._moves.append((len(self.running), last.lane))
-            elif self._next_tokens is not None:  # its next input token moves with it, on the device
-                self.sampler.move(self._next_tokens, len(self.running), last.lane)
+            if self._next_tokens is not None:  # its next input token moves with it, on the device
+                src, dst = len(self.running), last.lane
+                self._write(lambda: self.sampler.move(self._next_tokens, src, dst))
         self.cache.release(seq.slot)
+
+    def _write(self, write: Callable[[], None]) -> None:
+        """A write of lanes' next input tokens: now, or after the choice of the step just sent
+        if it has not chosen yet (its choice writes every lane)."""
+        if self._unchosen:
+            self._held.append(write)
+        else:
+            write()
