@@ -1,10 +1,11 @@
 """Where the GPU time goes: per-kernel totals (torch.profiler) for one vision run (13 tiles),
 one prefill (~875 tokens) and one decode step, plus recorded-replay vs whole-step timings;
 with --chunk, one chunk of a long prompt's chunked prefill (the "extend" attention over the
-positions before it) beside decode steps of 8 and 16 rows. SmolVLM2-500M shapes, random
+positions before it) beside decode steps of 8 and 16 rows; with --batch, one decode step of
+that many rows at 900 tokens of context. SmolVLM2-500M shapes, random
 weights, bf16. Guides the next optimization; see docs/perf.md.
 
-    python bench/profile_gpu.py [--chunk]
+    python bench/profile_gpu.py [--chunk | --batch ROWS]
 """
 
 import sys
@@ -23,7 +24,7 @@ spec = ModelSpec(cfg.text, NAMES, cfg)
 rng = np.random.default_rng(0)
 shapes = ModelRunner(spec).expected_parameters()
 weights = {n: rng.standard_normal(t.shape, np.float32) * 0.02 for n, t in shapes.items()}
-rt = ModelRunner(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"), cache_bytes=2**30)
+rt = ModelRunner(spec, CompileOptions(backend="torch", device="cuda", dtype="bfloat16"), cache_bytes=2**31)
 rt.load_weights(weights)
 slot = rt.cache.take(1024)
 pixels = torch.from_numpy(rng.uniform(-1, 1, (13, 3, 512, 512)).astype(np.float32)).cuda()
@@ -78,14 +79,30 @@ def chunked_prefill(at: int = 3000, rows: int = 128) -> None:
     profiled(f"chunk of {rows} at {at} (eager)", chunk, reps=3)
 
 
+def batched_decode(rows: int = 32, context: int = 900) -> None:
+    """One decode step of `rows` sequences at `context` tokens each: recorded, then eager."""
+    slots = [rt.cache.take(context + 64) for _ in range(rows)]
+    for slot in slots:
+        rt.prefill(rng.integers(100, 40000, context), slot)
+    batch = lambda: rt.decode([5] * rows, [context] * rows, slots)  # noqa: E731
+    t = wall(batch, 50)
+    print(f"decode {rows} x {context}: recorded wall {t * 1e3:.3f} ms ({rows / t:,.0f} tok/s)")
+    s = next(v for k, v in rt._sessions.items() if k[4] == "decode" and k[1] == rows)
+    s.capture, s._replay = False, None  # eager: one entry per kernel
+    profiled(f"decode {rows} x {context} (eager)", batch, reps=3)
+
+
 if "--chunk" in sys.argv:
     chunked_prefill()
+    sys.exit()
+if "--batch" in sys.argv:
+    batched_decode(int(sys.argv[sys.argv.index("--batch") + 1]))
     sys.exit()
 print(f"vision wall {wall(lambda: rt.encode_images(pixels)) * 1e3:.2f} ms; "
       f"prefill+vision wall {wall(prefill) * 1e3:.2f} ms")
 prefill()
 print(f"decode step wall {wall(lambda: step(0), 100) * 1e3:.3f} ms")
-s = rt._sessions[("text", 1, 1, 0, "decode")]
+s = rt._sessions[("text", 1, 1, 0, "decode", None)]
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 start.record()
 for _ in range(100):

@@ -6,9 +6,12 @@ programs of work per row, far too few for a GPU, so the keys are cut into `split
 (flash-decoding): each program reduces one chunk for all query heads sharing a kv head
 (one tl.dot for the group), and a second kernel merges the chunks' partial softmaxes.
 
-Row invariance: the number of splits depends on the device and the model, never on the row
-count, and a row's chunks on its own length only; splits past a row's keys write nothing and
-are left out of its merge. So a row's result is the same alone or in any batch.
+Row invariance: up to INVARIANT_ROWS rows (kernels/gemv.py) the number of splits depends on
+the device and the model, never on the row count, and a row's chunks on its own length only;
+splits past a row's keys write nothing and are left out of its merge. So a row's result is the
+same alone or in any such batch. Wider steps, whose products are cuBLAS's (not row-invariant
+either), cut fewer splits: their rows fill the GPU, and the batch-1 cut left 32 rows x 900 keys
+in one-block programs, 3x the time of reading the keys once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import pdl_args
+from .gemv import INVARIANT_ROWS
 
 
 @triton.jit
@@ -93,11 +97,17 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, positions_ptr, stride_out, H: 
     tl.store(out_ptr + row * stride_out + head * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.device) -> int:
+WIDE_PROGRAMS_PER_SM = 4  # a wide step's programs (rows x kv heads x splits) per multiprocessor
+
+
+def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.device, rows: int = 1) -> int:
     """Enough chunks for ~2 programs per multiprocessor at batch 1, never chunks shorter than a
-    block. Not a function of the row count (row invariance): wider batches get more programs,
-    and a row with few keys fills few of its chunks."""
+    block. Up to INVARIANT_ROWS rows not a function of the row count (row invariance): wider
+    batches get more programs, and a row with few keys fills few of its chunks. Wider steps:
+    ~WIDE_PROGRAMS_PER_SM programs per multiprocessor over all their rows."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    if rows > INVARIANT_ROWS:
+        return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(WIDE_PROGRAMS_PER_SM * sms, rows * num_kv_heads)))
     return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, num_kv_heads)))
 
 
@@ -124,7 +134,7 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
     d = q.shape[1] // num_heads
     group = num_heads // num_kv_heads
     max_seq = block_table.shape[1] * k_cache.shape[1]
-    splits = splits or default_splits(num_kv_heads, max_seq, block, q.device)
+    splits = splits or default_splits(num_kv_heads, max_seq, block, q.device, rows)
     m, l, acc, out = split_buffers(q, k_cache, v_cache, block_table, num_heads, splits)
     if not rows:
         return out
