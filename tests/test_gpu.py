@@ -91,15 +91,21 @@ def _greedy(rt, ids, steps):
     return out
 
 
-def test_fp32_greedy_tokens_equal_transformers(model):
-    rng = np.random.default_rng()
-    ids = rng.integers(3, 500, 40).astype(np.int64)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fp32_greedy_tokens_equal_transformers(model, seed):
+    """Equal tokens, or parting only at an fp32 near-tie of the reference (a random tiny model
+    has them: one run in several parted at token 62 of 64 with an unseeded prompt)."""
+    ids = np.random.default_rng(seed).integers(3, 500, 40).astype(np.int64)
     rt, ref_model = _runner(model, "float32"), _reference(model, "float32")
     ours = _greedy(rt, ids, 64)
     with torch.no_grad():
         ref = ref_model.generate(input_ids=torch.from_numpy(ids)[None].cuda(), max_new_tokens=64, min_new_tokens=64,
                                  do_sample=False)[0, len(ids):].tolist()
-    assert ours == ref
+        at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+        if at is not None:
+            prefix = torch.from_numpy(np.concatenate([ids, ours[:at]]))[None].cuda()
+            top2 = ref_model(prefix).logits[0, -1].float().topk(2).values
+            assert float(top2[0] - top2[1]) < 1e-4 * float(top2[0].abs()), (at, top2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
