@@ -238,3 +238,17 @@ def test_overlapped_constrained_random_mixes_equal_step_by_step(pipe):
             refused += made.grammars.refused
         assert answers[0] == answers[1], f"seed {seed}"
     assert refused > 0
+
+
+def test_greedy_check_first_answers_equal_masked_answers(pipe, monkeypatch):
+    """The host sampler checks a greedy row's best token before masking: 50 greedy answers per
+    schema equal those of masks alone (forced bytes, like '":"' after a key, keep their
+    canonical token: a shorter spelling the grammar would consume is refused)."""
+    import meganeura.engine.sampler as sampler_module
+    for name in ("enum", "nested"):
+        cfgs = [GenerationConfig(max_new_tokens=LIMIT, constraint=pipe.constraint(json_schema=SCHEMAS[name]))] * 50
+        checked = [s.tokens for s in _run(pipe, TEXTS, cfgs)[0]]
+        with monkeypatch.context() as m:
+            m.setattr(sampler_module, "greedy_constrained", lambda seq: False)
+            masked = [s.tokens for s in _run(pipe, TEXTS, cfgs)[0]]
+        assert checked == masked, name

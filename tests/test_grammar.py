@@ -182,3 +182,28 @@ def test_greedy_check_first_equals_the_masked_choice(vocab):
         answer.append(token)
     assert token == eos and refused and taken
     assert re.fullmatch(r"[a-z]{1,6}(, [0-9]{1,2}){0,3}", tok.decode(answer))
+
+
+def test_check_first_keeps_forced_bytes_canonical(vocab):
+    """Where the grammar forces bytes (after '{"c' of a schema with one key: '":"'), its mask
+    allows only their canonical token, though a shorter token spelling a prefix of them would
+    be consumed: a best token of that kind is refused, and the choice is the masked one."""
+    from meganeura.engine.grammar import mask_words, unpack
+    tok, eos, n, lltok = vocab
+    c = constraint(json_schema={"type": "object", "properties": {"c": {"enum": ["red", "green"]}},
+                                "required": ["c"], "additionalProperties": False}).bind(lltok)
+    sampler, seq, witness = HostSampler(NumpyBackend(CompileOptions(backend="numpy"))), \
+        Seq(GenerationConfig(constraint=c)), c.matcher()
+    for t in tok.encode('{"c', add_special_tokens=False).ids:
+        x = np.zeros((1, n), np.float32)
+        x[0, t] = 1
+        assert sampler.choose(x, [seq]) == [t]
+        witness.advance(t)
+    mask = np.zeros((1, mask_words(n)), np.int32)
+    witness.fill_mask(mask[0])
+    allowed = np.flatnonzero(unpack(mask, n)[0])
+    spelled = [t for t in range(n) if t not in set(allowed) and witness._m.validate_tokens([t]) == 1]
+    assert spelled, "the grammar should accept a non-canonical spelling of its forced bytes here"
+    x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
+    x[0, spelled[0]] = 10.0
+    assert sampler.choose(x, [seq]) == [int(allowed[np.argmax(x[0, allowed])])]

@@ -46,14 +46,14 @@ class Constraint:
         if self.tokenizer is None:
             raise ValueError("this constraint is not bound to a tokenizer (Constraint.bind)")
         return Matcher(_llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0),
-                       frozenset(self.tokenizer.eos_tokens))
+                       frozenset(self.tokenizer.eos_tokens), self.tokenizer.vocab_size)
 
 
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher, eos: frozenset[int]) -> None:
-        self._m, self._eos = matcher, eos
+    def __init__(self, matcher, eos: frozenset[int], vocab: int) -> None:
+        self._m, self._eos, self._vocab = matcher, eos, vocab
         self._check()
 
     def fill_mask(self, row: np.ndarray) -> None:
@@ -67,10 +67,19 @@ class Matcher:
         self._check()
 
     def try_advance(self, token: int) -> bool:
-        """Move on by token if the grammar allows it there (True); else stay (False). Costs
-        microseconds where a mask may cost a millisecond: a greedy choice is checked first."""
+        """Move on by token if the mask would allow it (True); else stay (False). Costs
+        microseconds where a mask may cost a millisecond: a greedy choice is checked first.
+        Where the grammar forces bytes, the mask allows only their canonical tokens while any
+        token spelling a prefix of them would be consumed: the mask decides there (it is small)."""
         if self._m.is_stopped():  # the grammar is complete: only an end token may follow (llguidance consumes none)
             return token in self._eos
+        if self._m.compute_ff_bytes():
+            mask = np.zeros(mask_words(self._vocab), np.int32)
+            self.fill_mask(mask)
+            if not mask[token // 32] >> (token % 32) & 1:
+                return False
+            self.advance(token)
+            return True
         taken = self._m.try_consume_tokens([token]) == 1
         self._check()
         return taken

@@ -123,9 +123,11 @@ def history(seq) -> list[int]:
 class Grammars:
     """The grammar state of each constrained sequence a sampler has seen (kept with the
     sequence's lifetime), the masks of a step's rows, and how often each greedy row's best
-    token was refused lately (a moving average: `REFUSALS_KEPT` of it stays each step)."""
+    token was refused lately (a moving average: `REFUSALS_KEPT` of it stays each checked step,
+    `MASKED_KEPT` each masked one)."""
 
     REFUSALS_KEPT = 0.8
+    MASKED_KEPT = 0.95      # a masked step decays it slowly: a row refused every time retries ~1 step in 9
     SPECULATE_BELOW = 0.25  # refused share under which a row speculates: a refused step costs ~4 masks
 
     def __init__(self) -> None:
@@ -145,8 +147,8 @@ class Grammars:
         masks = np.zeros((len(constrained), mask_words(vocab)), np.int32)
         for row, i in zip(masks, constrained):
             self.matcher(rows[i]).fill_mask(row)
-            if rows[i] in self._refused:  # a masked step counts as accepted: a row that stopped speculating tries again
-                self._refused[rows[i]] *= self.REFUSALS_KEPT
+            if rows[i] in self._refused:  # a row that stopped speculating tries again, after a while
+                self._refused[rows[i]] *= self.MASKED_KEPT
         return constrained, masks
 
     def matcher(self, seq):
