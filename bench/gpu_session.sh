@@ -37,7 +37,7 @@ for what in "$@"; do
     soak) step soak 240 python bench/soak_gpu.py --gguf ~/g/model.gguf --calls 40 ;;
     itl) step itl 120 python bench/bench_prefix_cache.py --device cuda --chunk 128 ;;
     constrained) step constrained 90 python bench/bench_constrained.py --device cuda --tokens 128 ;;
-    gpu) step gpu 300 python bench/bench_gpu.py ;;
+    gpu) step gpu 200 python bench/bench_gpu.py --no-compile ;;  # transformers eager only: its compile takes minutes
     captions) step captions 200 python bench/bench_caption.py ;;
     profile) step profile 120 python bench/profile_gpu.py --batch 32 ;;
     *) echo "unknown step $what" ;;
