@@ -22,10 +22,9 @@ CASES = [  # (module, kernel, constants)
     ("gemv", "_gemv_kernel", {**GEMV, "K": 2560, "NORM": True, "BM": 8, "RESIDUAL": True}),
     ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=1, K_OUT=False, PAGE=16, PDL=True)),
     ("rope_cache", "_rope_cache_kernel", dict(H=15, KV=5, D=64, HEADS=20, K_OUT=True, PAGE=16, PDL=False)),
-    ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=16, SP=16, BLOCK=64, PAGE=16,
+    ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=16, BLOCK=64, PAGE=16,
                                                PDL=True)),
-    ("decode_attention", "_split_kernel", dict(H=15, KV=5, G=3, GP=16, D=64, SPLITS=53, SP=64, BLOCK=64, PAGE=16,
-                                               PDL=False)),
+    ("decode_attention", "_merge_kernel", dict(H=15, D=64, SPLITS=16, SP=16, BLOCK=64, PDL=True)),
     ("extend_attention", "_split_kernel", dict(H=15, G=3, D=64, SPLITS=8, BM=32, BLOCK=64, PAGE=16)),
     ("extend_attention", "_merge_kernel", dict(H=15, D=64, SPLITS=8, SP=8, BM=32, BLOCK=64)),
     ("add_layer_norm", "_add_layer_norm_kernel", dict(ROWS=4, BLOCK=1024)),
@@ -41,8 +40,7 @@ def _signature(kernel, dtype: str) -> dict:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i64" if p.name in INDEX_POINTERS
-                           else "*i32" if p.name == "counts_ptr" else f"*{dtype}")
+            sig[p.name] = "*fp32" if p.name in FP32_POINTERS else "*i64" if p.name in INDEX_POINTERS else f"*{dtype}"
         else:
             sig[p.name] = "fp32" if p.name in FLOATS else "i32"
     return sig

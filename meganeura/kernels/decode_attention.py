@@ -4,9 +4,7 @@ Each row (one sequence) attends to tokens 0..position of its slot in the paged c
 (engine/kv_cache.py): a chunk's keys are gathered page by page through the block table. Batch 1 has only kv_heads
 programs of work per row, far too few for a GPU, so the keys are cut into `splits` chunks
 (flash-decoding): each program reduces one chunk for all query heads sharing a kv head
-(one tl.dot for the group) and writes its partial softmax; the last program of a (row, kv
-head) to finish, counted by an atomic, merges that group's chunks (one kernel a layer, not a
-split and a merge kernel: each launch of a decode step costs its ramp).
+(one tl.dot for the group), and a second kernel merges the chunks' partial softmaxes.
 
 Row invariance: up to INVARIANT_ROWS rows (kernels/gemv.py) the number of splits depends on
 the device and the model, never on the row count, and a row's chunks on its own length only;
@@ -30,10 +28,10 @@ from .gemv import INVARIANT_ROWS
 
 @triton.jit
 def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, slots_ptr, positions_ptr, m_ptr, l_ptr, acc_ptr,
-                  counts_ptr, out_ptr, stride_q, stride_table, stride_page, stride_token, stride_out, scale,
+                  stride_q, stride_table, stride_page, stride_token, scale,
                   H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr,
-                  PRECISION: tl.constexpr, PDL: tl.constexpr):
+                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                  PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -76,24 +74,27 @@ def _split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, slots_ptr, positio
     tl.store(l_ptr + part, l, mask=used)
     tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=used[:, None])
 
-    # The last of the group's SPLITS programs merges: the barrier orders every thread's stores
-    # above before the release of the count; the merger's acquire makes them visible to it.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counts_ptr + row * KV + kv_head, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
-        tl.store(counts_ptr + row * KV + kv_head, 0)  # ready for the next launch (recorded steps replay it)
-        chunks = tl.arange(0, SP)  # (names unlike the loop's: Triton keeps one type a name across branches)
-        filled = chunks < tl.cdiv(length, chunk)
-        for h in tl.static_range(G):
-            parts = (row * H + kv_head * G + h) * SPLITS + chunks
-            # .cg: from L2, where the other programs' partials are (never a stale L1 line)
-            ms = tl.load(m_ptr + parts, mask=filled, other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(l_ptr + parts, mask=filled, other=0.0, cache_modifier=".cg")
-            accs = tl.load(acc_ptr + parts[:, None] * D + d[None, :], mask=filled[:, None], other=0.0,
-                           cache_modifier=".cg")
-            w = tl.exp(ms - tl.max(ms, axis=0))  # chunks past the row's keys are masked out: weight 0
-            out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
-            tl.store(out_ptr + row * stride_out + (kv_head * G + h) * D + d, out.to(out_ptr.dtype.element_ty))
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, positions_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    length = tl.load(positions_ptr + row) + 1
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK  # as the split kernel cut it
+    used = s < tl.cdiv(length, chunk)
+    part = (row * H + head) * SPLITS + s
+    m = tl.load(m_ptr + part, mask=used, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=used, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty chunks have m = -inf: weight 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + row * stride_out + head * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 WIDE_PROGRAMS_PER_SM = 4  # a wide step's programs (rows x kv heads x splits) per multiprocessor
@@ -108,18 +109,6 @@ def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.de
     if rows > INVARIANT_ROWS:
         return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(WIDE_PROGRAMS_PER_SM * sms, rows * num_kv_heads)))
     return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, num_kv_heads)))
-
-
-_counts: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def arrival_counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, at least n, that the split kernel leaves at zero after each
-    launch. Kept per device and never freed: recorded steps hold their address."""
-    made = _counts.setdefault(device, [])
-    if not made or made[-1].numel() < n:
-        made.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return made[-1]
 
 
 def split_buffers(q, k_cache, v_cache, block_table, num_heads: int, splits: int):
@@ -149,10 +138,12 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, num_hea
     m, l, acc, out = split_buffers(q, k_cache, v_cache, block_table, num_heads, splits)
     if not rows:
         return out
+    precision = dot_precision(q)
     _split_kernel[(rows, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_table, slots, positions, m, l, acc, arrival_counts(q.device, rows * num_kv_heads),
-        out, q.stride(0), block_table.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0),
-        1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-        SPLITS=splits, SP=triton.next_power_of_2(splits), BLOCK=block, PAGE=k_cache.shape[1],
-        PRECISION=dot_precision(q), num_warps=4, **pdl_args(q))
+        q, k_cache, v_cache, block_table, slots, positions, m, l, acc, q.stride(0), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(d), H=num_heads, KV=num_kv_heads, G=group,
+        GP=max(16, triton.next_power_of_2(group)), D=d, SPLITS=splits, BLOCK=block, PAGE=k_cache.shape[1],
+        PRECISION=precision, num_warps=4, **pdl_args(q))
+    _merge_kernel[(rows, num_heads)](m, l, acc, out, positions, out.stride(0), H=num_heads, D=d, SPLITS=splits,
+                                     SP=triton.next_power_of_2(splits), BLOCK=block, num_warps=2, **pdl_args(q))
     return out
