@@ -207,3 +207,30 @@ def test_check_first_keeps_forced_bytes_canonical(vocab):
     x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
     x[0, spelled[0]] = 10.0
     assert sampler.choose(x, [seq]) == [int(allowed[np.argmax(x[0, allowed])])]
+
+
+def test_try_advance_agrees_with_the_mask(vocab):
+    """Matcher.try_advance (the check a greedy row makes instead of a mask) says yes exactly
+    for the tokens the mask allows, along random walks through JSON, regex and choice
+    grammars: for allowed tokens, random ones, and spellings of a prefix of forced bytes."""
+    from meganeura.engine.grammar import Matcher, mask_words, token_bytes, unpack
+    tok, eos, n, lltok = vocab
+    spellings = token_bytes(lltok)
+    rng = np.random.default_rng(7)
+    for c in (constraint(json_schema={"type": "object", "properties": {"name": {"type": "string"},
+                                                                       "n": {"type": "array", "items": {"type": "integer"}}},
+                                      "required": ["name", "n"]}),
+              constraint(regex=r"[a-z]{2,5}(, [0-9]{1,2})*"), constraint(choice=["yes", "yesterday", "no"])):
+        matcher = c.bind(lltok).matcher()
+        for _ in range(12):
+            mask = np.zeros((1, mask_words(n)), np.int32)
+            matcher.fill_mask(mask[0])
+            allowed = unpack(mask, n)[0]
+            if matcher._m.is_stopped():
+                break
+            forced = bytes(matcher._m.compute_ff_bytes())
+            prefixes = [t for t in range(n) if len(spellings[t]) < len(forced) and forced.startswith(spellings[t])]
+            for t in {*np.flatnonzero(allowed)[:40].tolist(), *rng.integers(0, n, 150).tolist(), *prefixes}:
+                probe = Matcher(matcher._m.deep_copy(), frozenset({eos}), spellings)
+                assert probe.try_advance(int(t)) == bool(allowed[t]), (c.kind, forced, spellings[t])
+            matcher.advance(int(rng.choice(np.flatnonzero(allowed))))
