@@ -10,6 +10,7 @@ Also checks every split count gives the default's result (to bf16 rounding).
 
 import torch
 
+import gpu_timing  # bench/, beside this script
 from meganeura.kernels.decode_attention import decode_attention, default_splits
 
 HEADS, KV, D, PAGE = 15, 5, 64, 16
@@ -19,21 +20,7 @@ CALLS = 32
 
 
 def gpu_us(fn, copies: int) -> float:
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i % copies)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (10 * CALLS) * 1e3
+    return gpu_timing.gpu_us(fn, copies, CALLS)
 
 
 def copy_rate() -> float:

@@ -12,6 +12,7 @@ import json
 
 import torch
 
+import gpu_timing  # bench/, beside this script
 from meganeura.kernels.gemv import gemv, tiles
 
 SHAPES = {  # name: (N, K, fused prologue/epilogue)
@@ -28,22 +29,7 @@ COPIES, CALLS = 12, 48
 
 
 def gpu_us(fn) -> float:
-    """GPU time per call: CALLS calls recorded once as a graph, replayed."""
-    for i in range(COPIES):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i % COPIES)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (10 * CALLS) * 1e3
+    return gpu_timing.gpu_us(fn, COPIES, CALLS)
 
 
 results = {}
