@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import gpu_timing  # bench/, beside this script
 from meganeura.models.smolvlm2 import NAMES, SmolVLM2Config
 from meganeura.engine.runner import ModelRunner, ModelSpec
 from meganeura.session import CompileOptions
@@ -103,13 +104,7 @@ print(f"vision wall {wall(lambda: rt.encode_images(pixels)) * 1e3:.2f} ms; "
 prefill()
 print(f"decode step wall {wall(lambda: step(0), 100) * 1e3:.3f} ms")
 s = rt._sessions[("text", 1, 1, 0, "decode", None)]
-start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-start.record()
-for _ in range(100):
-    s._replay()
-end.record()
-torch.cuda.synchronize()
-print(f"decode replay only (GPU) {start.elapsed_time(end) / 100:.3f} ms")
+print(f"decode replay only (GPU) {gpu_timing.stream_us(s._replay, 100) / 1e3:.3f} ms")
 profiled("vision", lambda: rt.encode_images(pixels))
 profiled("prefill (text part)", prefill)
 s.capture = False  # eager decode: one entry per kernel

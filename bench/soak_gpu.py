@@ -21,6 +21,7 @@ the GPU) through a seeded random sequence of calls, as a user makes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -56,6 +57,22 @@ def load(path: str):
     return meganeura.load(path, device=DEVICE, dtype="bfloat16", progress=False, kv_cache_bytes=2**31)
 
 
+def divergence(a, b) -> int | None:
+    """Where two token lists first differ (the shorter one's length if one extends the other);
+    None when equal."""
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return at if at is not None or len(a) == len(b) else min(len(a), len(b))
+
+
+@contextlib.contextmanager
+def without_prefix_cache(pipe):
+    pipe.prefix_cache = False
+    try:
+        yield
+    finally:
+        pipe.prefix_cache = True
+
+
 def check_reference(path: str, notes: dict) -> None:
     from transformers import AutoModelForCausalLM
     pipe = load(path)
@@ -71,10 +88,6 @@ def check_reference(path: str, notes: dict) -> None:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
         return out[:-1] if out and out[-1] in eos else out
-
-    def divergence(a, b):
-        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        return at if at is not None or len(a) == len(b) else min(len(a), len(b))
 
     for label, messages in (("demo", QUESTION), ("story", STORY)):
         ids = torch.from_numpy(pipe.encode(messages).input_ids)[None].to(DEVICE)
@@ -154,9 +167,8 @@ def soak(path: str, calls: int, notes: dict) -> None:
             # a prefix-cache hit computes the rest of the prompt in chunks over cached keys (other
             # kernels than one whole prefill: bf16 rounding differs); the same call without the
             # cache must equal the fresh pipeline's, or state leaked between calls
-            pipe.prefix_cache = False
-            same = run(pipe, kind, convs, dict(settings)) == expected
-            pipe.prefix_cache = True
+            with without_prefix_cache(pipe):
+                same = run(pipe, kind, convs, dict(settings)) == expected
             cache_differs += same
         assert same, f"call {i} ({kind}, {len(convs)} conversations, {settings}) differs from a fresh pipeline"
         if kind == "batch" and len(convs) > 1:
@@ -164,16 +176,14 @@ def soak(path: str, calls: int, notes: dict) -> None:
             if len(convs) <= INVARIANT_ROWS and got != solo:
                 # the solo calls reuse the batch's prompt pages (chunks over cached keys: other bf16
                 # rounding); without the cache, batched and solo must agree
-                pipe.prefix_cache = False
-                got = run(pipe, kind, convs, dict(settings))
-                solo = [run(pipe, "batch", [c], dict(settings))[0] for c in convs]
-                pipe.prefix_cache = True
+                with without_prefix_cache(pipe):
+                    got = run(pipe, kind, convs, dict(settings))
+                    solo = [run(pipe, "batch", [c], dict(settings))[0] for c in convs]
                 cache_differs += 1
                 if got != solo:
-                    at = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                          for a, b in zip(got, solo) if a != b]
                     notes.setdefault("batched_vs_solo_differences", []).append(
-                        {"call": i, "rows": len(convs), "settings": str(settings), "first_differing_token": at})
+                        {"call": i, "rows": len(convs), "settings": str(settings),
+                         "first_differing_token": [divergence(a, b) for a, b in zip(got, solo) if a != b]})
             tally = batch_vs_solo if len(convs) <= INVARIANT_ROWS else wide_vs_solo
             tally[0] += sum(a == b for a, b in zip(got, solo))
             tally[1] += len(convs)

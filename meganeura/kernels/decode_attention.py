@@ -106,9 +106,8 @@ def default_splits(num_kv_heads: int, max_seq: int, block: int, device: torch.de
     batches get more programs, and a row with few keys fills few of its chunks. Wider steps:
     ~WIDE_PROGRAMS_PER_SM programs per multiprocessor over all their rows."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    if rows > INVARIANT_ROWS:
-        return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(WIDE_PROGRAMS_PER_SM * sms, rows * num_kv_heads)))
-    return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(2 * sms, num_kv_heads)))
+    per_sm, counted_rows = (WIDE_PROGRAMS_PER_SM, rows) if rows > INVARIANT_ROWS else (2, 1)
+    return max(1, min(triton.cdiv(max_seq, block), triton.cdiv(per_sm * sms, counted_rows * num_kv_heads)))
 
 
 def split_buffers(q, k_cache, v_cache, block_table, num_heads: int, splits: int):
