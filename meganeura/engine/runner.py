@@ -82,6 +82,7 @@ class ModelRunner:
         self.records = self.backend.can_capture
         self._sessions: dict[tuple, Session] = {}
         self._packed: dict[Session, object] = {}  # a text session's packed index inputs
+        self._fused = (None, None)  # (store version, the compiled CPU decode step or None)
         self.weight_form, self.weight_form_reason = "none", "no weights loaded"  # set by load_weights
 
     # ---- weights ----------------------------------------------------------------------
@@ -328,6 +329,9 @@ class ModelRunner:
             limit = self.max_seq if slot == self.cache.dummy_slot else self.cache.slot_tokens(slot)
             if not 0 <= pos < limit:
                 raise ValueError(f"decode: position {pos} is outside slot {slot}'s {limit} tokens")
+        fused = None if on_device else self._fused_step()
+        if fused is not None:
+            return fused(token_ids, positions, slots)
         size = self.decode_rows(rows)
         if size > rows:  # padding rows repeat the last row
             positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (positions, slots))
@@ -338,6 +342,17 @@ class ModelRunner:
         s.run()
         out = s.output()
         return out[:rows] if size > rows else out
+
+    def _fused_step(self):
+        """The compiled CPU decode step (backends/cpu_fused.py) for int4/int8 weights, made at the
+        first decode after the weights are loaded; None where it does not apply."""
+        if self._fused[0] != self.store.version:
+            step = None
+            if self.options.backend == "torch" and self.options.device == "cpu":
+                from ..backends.cpu_fused import fused_step
+                step = fused_step(self)
+            self._fused = (self.store.version, step)
+        return self._fused[1]
 
     def _check_ids(self, token_ids, image_rows, rows: int) -> None:
         """Out-of-range ids would read outside a GPU buffer: refuse them here."""

@@ -1,0 +1,224 @@
+"""The fused CPU decode step: one row's step through every layer in compiled C (cpu_fused.c).
+
+A layered one-row decode step with 4-bit weights is ~1,500 torch calls, each paying Python,
+dispatch and an OpenMP region's start, and torch's int4 kernel alone took longer than llama.cpp's
+whole token on an AVX2 CPU (docs/perf.md). Here the whole step is one call into C: its own
+products over the weights' 4-bit and 8-bit codes, and RMSNorm, RoPE, the paged cache write,
+attention and SwiGLU in loops between them, the threads meeting at a few barriers a layer.
+
+The C source is compiled once per machine with the system's C compiler (`cc -O3
+-march=native -fopenmp`, ~1 s) into the user's cache directory; a later start only loads it.
+Without a compiler, when compiling fails, or with MEGANEURA_CPU_FUSED=0, `fused_step` gives
+None and the layered path runs. It applies to one-row decode steps of a Llama-style text model
+on the CPU whose product weights are all int4 or int8 (`cpu_weights.py`); it keeps its own
+copy of the codes beside torch's packed weights, which prefills use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cpu_weights import Int4Weight, Int8Weight
+from .torch_backend import rope_tables
+
+SOURCE = Path(__file__).with_name("cpu_fused.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, _Matrix) for n in ("qkv", "o", "gate_up", "down")] + [
+        (n, ctypes.c_void_p) for n in ("attn_norm", "mlp_norm", "k_cache", "v_cache")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                             "page_size", "page_stride")] + [
+        ("eps", ctypes.c_float), ("layer", ctypes.POINTER(_Layer)),
+        ("head", _Matrix), ("final_norm", ctypes.c_void_p)]
+
+
+def enabled() -> bool:
+    return os.environ.get("MEGANEURA_CPU_FUSED", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meganeura" / "cpu_fused"
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step, built on first use and cached per source, compiler and CPU; None
+    (with a warning) where it cannot be built. `import torch` has loaded torch's OpenMP
+    runtime (libgomp.so.1) already, so the library's OpenMP threads are torch's."""
+    if not enabled() or platform.system() != "Linux":
+        return None
+    cc = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _machine().encode()]))
+    path = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed in place: atomic for other processes
+                out = Path(tmp) / path.name
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                out.replace(path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            warnings.warn(f"the fused CPU decode step could not be compiled ({e}; {detail.decode()[-300:]}): "
+                          "decoding takes the layered path", RuntimeWarning, stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(path))
+    model, i64, ptr = ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p
+    lib.mg_decode.restype = None
+    lib.mg_decode.argtypes = [model, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.mg_shared_floats.restype = lib.mg_work_floats.restype = i64
+    lib.mg_shared_floats.argtypes = [model, i64]
+    lib.mg_work_floats.argtypes = [model, i64, i64]
+    return lib
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _matrix(parts: list, keep: list) -> _Matrix | None:
+    """Weights of one form stacked along N, in the C step's form (the codes with scales and
+    zeros rounded to bf16 as torch's int4 kernel takes them); None for other forms. The
+    tensors made are appended to `keep` (the C side holds only their addresses)."""
+    if all(isinstance(p, Int4Weight) and p.codes is not None for p in parts):
+        codes = torch.cat([p.codes for p in parts]).contiguous()
+        d, m = (torch.cat([getattr(p, f) for p in parts]) for f in ("scales", "mins"))
+        scale = _bf16(d)
+        zero = (_bf16(m + 8 * d) - 8 * scale).contiguous()  # (q - 8) * bf16(d) + bf16(m + 8d)
+        bits = 4
+    elif all(isinstance(p, Int8Weight) and p.values is not None for p in parts):
+        codes = torch.cat([p.values for p in parts]).contiguous()
+        scale, zero = _bf16(torch.cat([p.scales for p in parts])).contiguous(), None
+        bits = 8
+    else:
+        return None
+    keep += [codes, scale, zero]
+    n, k = codes.shape[0], sum(p.shape[1] for p in parts[:1])
+    return _Matrix(codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if zero is not None else None, n, k, bits)
+
+
+class FusedStep:
+    """step(token_ids, positions, slots) -> float32 logits [rows, vocab]: one decode step, each
+    row a sequence (its own slot), through the runner's weights and KV cache."""
+
+    def __init__(self, lib, runner, weights: dict[str, list], norms: dict[str, torch.Tensor]) -> None:
+        cfg, names, cache = runner.spec.text, runner.spec.names, runner.cache
+        self.lib, self.store, self.cache, self.cfg = lib, runner.store, cache, cfg
+        self._keep: list = list(norms.values())
+        layers = (_Layer * cfg.num_hidden_layers)()
+        for i in range(cfg.num_hidden_layers):
+            p = names.layer(i)
+            k_cache, v_cache = (runner.store.states[n] for n in cache.layout.state_names(p))
+            if k_cache.stride()[1:] != (cfg.kv_dim, 1) or v_cache.stride() != k_cache.stride():
+                raise ValueError("the KV cache's pages are not laid out as the fused step reads them")
+            mats = {role: _matrix(weights[p + role], self._keep) for role in ("qkv", "o", "gate_up", "down")}
+            if None in mats.values():
+                raise ValueError("a product weight is not in a form the fused step reads")
+            layers[i] = _Layer(**mats, attn_norm=norms[p + "input_layernorm.weight"].data_ptr(),
+                               mlp_norm=norms[p + "post_attention_layernorm.weight"].data_ptr(),
+                               k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr())
+        head = _matrix(weights["head"], self._keep)
+        if head is None:
+            raise ValueError("the lm_head is not in a form the fused step reads")
+        self._keep.append(layers)
+        self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                            cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+                            cache.layout.block_size, k_cache.stride(0), cfg.rms_norm_eps,
+                            layers, head, norms[names.model + "norm.weight"].data_ptr())
+        self.embedding = names.model + "embed_tokens.weight"
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (threads, rows) -> (shared, work)
+
+    def __call__(self, token_ids, positions, slots) -> torch.Tensor:
+        rows, d, threads = len(positions), self.cfg.head_dim, torch.get_num_threads()
+        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        slot = torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        scratch = self._scratch.get((threads, rows))
+        if scratch is None:
+            model = ctypes.byref(self.model)
+            scratch = self._scratch[threads, rows] = (
+                torch.empty(self.lib.mg_shared_floats(model, rows)),
+                torch.empty(threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)))
+        cos, sin = rope_tables(pos, d, self.cfg.rope_theta, torch.float32)  # the layered path's bits
+        cos_sin = torch.cat([cos[:, 0, : d // 2], sin[:, 0, : d // 2]], dim=1)
+        x = self.store.parameter(self.embedding)[torch.as_tensor(np.asarray(token_ids, dtype=np.int64))]
+        x = x.float().contiguous()
+        table = self.cache.device_table
+        logits = torch.empty(rows, self.model.head.n)
+        self.lib.mg_decode(ctypes.byref(self.model), rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(),
+                           table.data_ptr(), table.stride(0), cos_sin.data_ptr(), logits.data_ptr(),
+                           scratch[0].data_ptr(), scratch[1].data_ptr(), threads)
+        return logits
+
+
+def fused_step(runner) -> FusedStep | None:
+    """The runner's fused one-row decode step, or None where it does not apply: not the torch
+    CPU backend in float32, weights not all int4/int8, tied or untied heads in another form, or
+    no compiled library."""
+    o = runner.options
+    if not (o.backend == "torch" and o.device == "cpu" and o.dtype == "float32"):
+        return None
+    store, cfg, names = runner.store, runner.spec.text, runner.spec.names
+    forms = store.forms
+    product_weights, head_name = runner._product_weights
+    if not product_weights or any(forms.get(n) not in ("int4", "int8") for n in product_weights):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+
+    def fresh(name: str):
+        """The weight with its codes: the store's own when it keeps them (a tied table kept for
+        lookups), else made again from its source (the store's copy was packed for torch)."""
+        w = store.parameters.get(name)
+        if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:
+            return w
+        return store.backend.weight(store.sources[name](), forms[name])
+
+    weights: dict[str, list] = {"head": [fresh(head_name)]}
+    norms = {}
+    for i in range(cfg.num_hidden_layers):
+        p = names.layer(i)
+        roles = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+        for role, parts in roles.items():
+            weights[p + role] = [fresh(p + part + ".weight") for part in parts]
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            norms[p + n] = store.parameter(p + n).float().contiguous()
+    norms[names.model + "norm.weight"] = store.parameter(names.model + "norm.weight").float().contiguous()
+    try:
+        return FusedStep(lib, runner, weights, norms)
+    except ValueError:
+        return None
