@@ -76,7 +76,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled step, built on first use and cached per source, compiler and CPU; None
     (with a warning) where it cannot be built. `import torch` has loaded torch's OpenMP
     runtime (libgomp.so.1) already, so the library's OpenMP threads are torch's."""
-    if not enabled() or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return None
     cc = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
@@ -110,58 +110,78 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def _matrix(parts: list, keep: list) -> _Matrix | None:
-    """Weights of one form stacked along N, in the C step's form (the codes with scales and
-    zeros rounded to bf16 as torch's int4 kernel takes them); None for other forms. The
-    tensors made are appended to `keep` (the C side holds only their addresses)."""
-    if all(isinstance(p, Int4Weight) and p.codes is not None for p in parts):
-        codes = torch.cat([p.codes for p in parts]).contiguous()
-        d, m = (torch.cat([getattr(p, f) for p in parts]) for f in ("scales", "mins"))
-        scale = _bf16(d)
-        zero = (_bf16(m + 8 * d) - 8 * scale).contiguous()  # (q - 8) * bf16(d) + bf16(m + 8d)
-        bits = 4
-    elif all(isinstance(p, Int8Weight) and p.values is not None for p in parts):
-        codes = torch.cat([p.values for p in parts]).contiguous()
-        scale, zero = _bf16(torch.cat([p.scales for p in parts])).contiguous(), None
-        bits = 8
-    else:
+    """Weights of one form stacked along N, in the C step's form: the codes (shared with the
+    parts, which hold views of them until torch packs them), scales and zeros rounded to bf16
+    as torch's int4 kernel takes them; None for other forms. The tensors made are appended to
+    `keep` (the C side holds only their addresses)."""
+    field = "codes" if all(isinstance(p, Int4Weight) for p in parts) else "values"
+    if not all(isinstance(p, Int4Weight if field == "codes" else Int8Weight) and getattr(p, field) is not None
+               for p in parts):
         return None
+    codes = getattr(parts[0], field) if len(parts) == 1 else torch.cat([getattr(p, field) for p in parts])
+    codes, start = codes.contiguous(), 0
+    for p in parts:
+        setattr(p, field, codes[start:start + p.shape[0]])
+        start += p.shape[0]
+    d = torch.cat([p.scales for p in parts])
+    scale, zero = _bf16(d).contiguous(), None
+    if field == "codes":  # (q - 8) * bf16(d) + bf16(m + 8d)
+        zero = (_bf16(torch.cat([p.mins for p in parts]) + 8 * d) - 8 * scale).contiguous()
     keep += [codes, scale, zero]
-    n, k = codes.shape[0], sum(p.shape[1] for p in parts[:1])
-    return _Matrix(codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if zero is not None else None, n, k, bits)
+    return _Matrix(codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), codes.shape[0],
+                   parts[0].shape[1], 4 if field == "codes" else 8)
+
+
+ROLES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
 
 
 class FusedStep:
     """step(token_ids, positions, slots) -> float32 logits [rows, vocab]: one decode step, each
-    row a sequence (its own slot), through the runner's weights and KV cache."""
+    row a sequence (its own slot), through the runner's weights and KV cache. Made from the
+    store's weights while they hold their codes (`fused_step`); binds the KV cache (allocated
+    after the weights) at its first step."""
 
-    def __init__(self, lib, runner, weights: dict[str, list], norms: dict[str, torch.Tensor]) -> None:
-        cfg, names, cache = runner.spec.text, runner.spec.names, runner.cache
-        self.lib, self.store, self.cache, self.cfg = lib, runner.store, cache, cfg
-        self._keep: list = list(norms.values())
-        layers = (_Layer * cfg.num_hidden_layers)()
+    def __init__(self, lib, runner, weights) -> None:
+        cfg, names, store = runner.spec.text, runner.spec.names, runner.store
+        self.lib, self.runner, self.store, self.cfg = lib, runner, store, cfg
+        norm = {}
+        for name in [names.layer(i) + n for i in range(cfg.num_hidden_layers)
+                     for n in ("input_layernorm.weight", "post_attention_layernorm.weight")] + [names.model + "norm.weight"]:
+            norm[name] = store.parameter(name).float().contiguous()
+        self._keep: list = list(norm.values())
+        self.layers = (_Layer * cfg.num_hidden_layers)()
         for i in range(cfg.num_hidden_layers):
             p = names.layer(i)
-            k_cache, v_cache = (runner.store.states[n] for n in cache.layout.state_names(p))
-            if k_cache.stride()[1:] != (cfg.kv_dim, 1) or v_cache.stride() != k_cache.stride():
-                raise ValueError("the KV cache's pages are not laid out as the fused step reads them")
-            mats = {role: _matrix(weights[p + role], self._keep) for role in ("qkv", "o", "gate_up", "down")}
+            mats = {role: _matrix([weights(p + part + ".weight") for part in parts], self._keep)
+                    for role, parts in ROLES.items()}
             if None in mats.values():
                 raise ValueError("a product weight is not in a form the fused step reads")
-            layers[i] = _Layer(**mats, attn_norm=norms[p + "input_layernorm.weight"].data_ptr(),
-                               mlp_norm=norms[p + "post_attention_layernorm.weight"].data_ptr(),
-                               k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr())
-        head = _matrix(weights["head"], self._keep)
+            self.layers[i] = _Layer(**mats, attn_norm=norm[p + "input_layernorm.weight"].data_ptr(),
+                                    mlp_norm=norm[p + "post_attention_layernorm.weight"].data_ptr())
+        head = _matrix([weights(runner._product_weights[1])], self._keep)
         if head is None:
             raise ValueError("the lm_head is not in a form the fused step reads")
-        self._keep.append(layers)
-        self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                            cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
-                            cache.layout.block_size, k_cache.stride(0), cfg.rms_norm_eps,
-                            layers, head, norms[names.model + "norm.weight"].data_ptr())
+        self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                            cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
+                            norm[names.model + "norm.weight"].data_ptr())
         self.embedding = names.model + "embed_tokens.weight"
-        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (threads, rows) -> (shared, work)
+        self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (threads, rows) -> buffers
+        self.cache = None
+
+    def _bind(self) -> None:
+        cache, names = self.runner.cache, self.runner.spec.names
+        for i in range(self.cfg.num_hidden_layers):
+            k_cache, v_cache = (self.store.states[n] for n in cache.layout.state_names(names.layer(i)))
+            if k_cache.stride()[1:] != (self.cfg.kv_dim, 1) or v_cache.stride() != k_cache.stride():
+                raise ValueError("the KV cache's pages are not laid out as the fused step reads them")
+            self.layers[i].k_cache, self.layers[i].v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        self.model.page_size, self.model.page_stride = cache.layout.block_size, k_cache.stride(0)
+        self.cache = cache
 
     def __call__(self, token_ids, positions, slots) -> torch.Tensor:
+        if self.cache is None:
+            self._bind()
         rows, d, threads = len(positions), self.cfg.head_dim, torch.get_num_threads()
         pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
         slot = torch.as_tensor(np.asarray(slots, dtype=np.int64))
@@ -184,41 +204,28 @@ class FusedStep:
 
 
 def fused_step(runner) -> FusedStep | None:
-    """The runner's fused one-row decode step, or None where it does not apply: not the torch
-    CPU backend in float32, weights not all int4/int8, tied or untied heads in another form, or
-    no compiled library."""
-    o = runner.options
-    if not (o.backend == "torch" and o.device == "cpu" and o.dtype == "float32"):
+    """The runner's fused decode step, or None where it does not apply: not the torch CPU
+    backend in float32, a product weight (the lm_head included) neither int4 nor int8, or no
+    compiled library. Cheapest right after loading, while the store's weights hold their codes
+    (the step shares them); later, weights already packed for torch are read again from their
+    sources."""
+    o, store = runner.options, runner.store
+    if not (enabled() and o.backend == "torch" and o.device == "cpu" and o.dtype == "float32"):
         return None
-    store, cfg, names = runner.store, runner.spec.text, runner.spec.names
-    forms = store.forms
-    product_weights, head_name = runner._product_weights
-    if not product_weights or any(forms.get(n) not in ("int4", "int8") for n in product_weights):
+    product_weights, _ = runner._product_weights
+    if not product_weights or any(store.forms.get(n) not in ("int4", "int8") for n in product_weights):
         return None
     lib = library()
     if lib is None:
         return None
 
-    def fresh(name: str):
-        """The weight with its codes: the store's own when it keeps them (a tied table kept for
-        lookups), else made again from its source (the store's copy was packed for torch)."""
+    def weight(name: str):
         w = store.parameters.get(name)
         if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:
             return w
-        return store.backend.weight(store.sources[name](), forms[name])
+        return store.backend.weight(store.sources[name](), store.forms[name])
 
-    weights: dict[str, list] = {"head": [fresh(head_name)]}
-    norms = {}
-    for i in range(cfg.num_hidden_layers):
-        p = names.layer(i)
-        roles = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
-        for role, parts in roles.items():
-            weights[p + role] = [fresh(p + part + ".weight") for part in parts]
-        for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            norms[p + n] = store.parameter(p + n).float().contiguous()
-    norms[names.model + "norm.weight"] = store.parameter(names.model + "norm.weight").float().contiguous()
     try:
-        return FusedStep(lib, runner, weights, norms)
+        return FusedStep(lib, runner, weight)
     except ValueError:
         return None

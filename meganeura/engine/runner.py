@@ -116,6 +116,7 @@ class ModelRunner:
             self.store.set_parameter(name, read(), reload=read, form=form)
             if form and name in self._lookup_tables:  # a tied head: rows are looked up too
                 self.store.parameters[name].lookups = True
+        self._fused = (self.store.version, self._make_fused_step())  # while the weights hold their codes
         counts = {f: sum(1 for g in forms.values() if g == f) for f in sorted(set(forms.values()))}
         self.weight_form = max(counts, key=counts.get) if counts else "none"
         if len(counts) > 1:
@@ -343,15 +344,17 @@ class ModelRunner:
         out = s.output()
         return out[:rows] if size > rows else out
 
+    def _make_fused_step(self):
+        if self.options.backend != "torch" or self.options.device != "cpu":
+            return None
+        from ..backends.cpu_fused import fused_step
+        return fused_step(self)
+
     def _fused_step(self):
-        """The compiled CPU decode step (backends/cpu_fused.py) for int4/int8 weights, made at the
-        first decode after the weights are loaded; None where it does not apply."""
+        """The compiled CPU decode step (backends/cpu_fused.py) for int4/int8 weights, made when
+        the weights are loaded (again if they change); None where it does not apply."""
         if self._fused[0] != self.store.version:
-            step = None
-            if self.options.backend == "torch" and self.options.device == "cpu":
-                from ..backends.cpu_fused import fused_step
-                step = fused_step(self)
-            self._fused = (self.store.version, step)
+            self._fused = (self.store.version, self._make_fused_step())
         return self._fused[1]
 
     def _check_ids(self, token_ids, image_rows, rows: int) -> None:
