@@ -21,8 +21,8 @@
 
 typedef struct {
     const uint8_t *q;     /* 4 bits: [n, k/2], GGUF's block order (byte j: values j and j + 16); 8 bits: int8 [n, k] */
-    const float *scale;   /* [n, k/32] */
-    const float *zero;    /* [n, k/32], 4 bits only: w = q * scale + zero */
+    /* bf16, [n / 64, k/32, 64] (n padded to 64): 8 bits w = q * scale; 4 bits w = (q - 8) * scale + zero */
+    const uint16_t *scale, *zero;
     int64_t n, k, bits;
 } mg_matrix;
 
@@ -183,10 +183,6 @@ static void product_input(const float *x, int64_t k, int16_t *xq, float *xscale,
     }
 }
 
-/* Dot products of one weight row with R input rows (R <= 4; row r's integers at xq + r * ldx,
- * its group scales at xscale + r * groups): sum_g scale[g] * xscale[g] * sum_{i in g} q_i xq_i,
- * each group's sum exact in integers. The codes are widened once for the R rows; each row's
- * operations are the same whatever R is, so a row's result does not depend on the batch. */
 #ifdef __AVX2__
 /* One group's integer sums (8 lanes), as floats: lo and hi are the group's 32 weights as int16. */
 static inline __m256 group_sum(__m256i lo, __m256i hi, const int16_t *x) {
@@ -207,38 +203,36 @@ static inline void widen(const uint8_t *q, int bits, __m256i *lo, __m256i *hi) {
 }
 #endif
 
-/* Dot products of one weight row (codes q, `bits` 4 or 8) with R input rows (R <= 4; row r's
- * integers at xq + r * ldx, its group scales at xscale + r * groups): sum_g scale[g] *
- * xscale[g] * sum_{i in g} q_i xq_i, each group's sum exact in integers. The codes are widened
- * once for the R rows; each row's operations are the same whatever R is, so a row's result
- * does not depend on the batch. (Even and odd groups accumulate apart: one chain of fused
- * multiply-adds would wait on its own latency.) */
-static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits, const float *scale, const int16_t *xq, const float *xscale,
-                       int64_t ldx, int64_t groups, int R, float *out) {
+static inline float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Dot products of one weight row (codes q, `bits` 4 or 8; its group scales at scale[g * 64])
+ * with R input rows (R <= 4; row r's integers at xq + r * ldx, its group scales at xscale + r *
+ * groups): sum_g scale[g] * xscale[g] * sum_{i in g} q_i xq_i, each group's sum exact in
+ * integers. The codes are widened once for the R rows; each row's operations are the same
+ * whatever R is, so a row's result does not depend on the batch. */
+static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits, const uint16_t *scale,
+                                                      const int16_t *xq, const float *xscale, int64_t ldx,
+                                                      int64_t groups, int R, float *out) {
     const int64_t step = bits * GROUP / 8;   /* bytes a group */
 #ifdef __AVX2__
-    __m256 even[4], odd[4];
-    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 1 < groups; g += 2) {
-        __m256i lo, hi, lo1, hi1;
-        widen(q + g * step, bits, &lo, &hi);
-        widen(q + (g + 1) * step, bits, &lo1, &hi1);
-        for (int r = 0; r < R; r++) {
-            const int16_t *x = xq + r * ldx + g * GROUP;
-            const float *xs = xscale + r * groups + g;
-            even[r] = _mm256_fmadd_ps(group_sum(lo, hi, x), _mm256_set1_ps(scale[g] * xs[0]), even[r]);
-            odd[r] = _mm256_fmadd_ps(group_sum(lo1, hi1, x + GROUP), _mm256_set1_ps(scale[g + 1] * xs[1]), odd[r]);
-        }
-    }
-    if (g < groups) {
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
         __m256i lo, hi;
+        if ((g & 1) == 0)   /* the codes 4 KiB ahead: ~10% faster than the hardware's prefetch alone */
+            _mm_prefetch((const char *)(q + g * step + 4096), _MM_HINT_T0);
         widen(q + g * step, bits, &lo, &hi);
+        const float s = from_bf16(scale[g * 64]);
         for (int r = 0; r < R; r++)
-            even[r] = _mm256_fmadd_ps(group_sum(lo, hi, xq + r * ldx + g * GROUP),
-                                      _mm256_set1_ps(scale[g] * xscale[r * groups + g]), even[r]);
+            acc[r] = _mm256_fmadd_ps(group_sum(lo, hi, xq + r * ldx + g * GROUP),
+                                     _mm256_set1_ps(s * xscale[r * groups + g]), acc[r]);
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 #else
     for (int r = 0; r < R; r++) {
         float acc = 0.0f;
@@ -249,19 +243,19 @@ static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits
             for (int i = 0; i < 16; i++)
                 p += bits == 4 ? (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16]
                                : (int8_t)c[i] * x[i] + (int8_t)c[i + 16] * x[i + 16];
-            acc += (float)p * (scale[g] * xscale[r * groups + g]);
+            acc += (float)p * (from_bf16(scale[g * 64]) * xscale[r * groups + g]);
         }
         out[r] = acc;
     }
 #endif
 }
 
-/* One weight row with R input rows, R a constant after inlining (registers, not memory). */
-static inline __attribute__((always_inline)) void dot_rows(const mg_matrix *w, int64_t row, const int16_t *xq, const float *xscale, int64_t ldx,
-                            int R, float *y) {
+/* One weight row with R input rows, R and the bits constants after inlining (registers, not memory). */
+static inline __attribute__((always_inline)) void dot_rows(const mg_matrix *w, int64_t row, const int16_t *xq,
+                                                           const float *xscale, int64_t ldx, int R, float *y) {
     int64_t groups = w->k / GROUP;
-    const float *scale = w->scale + row * groups;
-    if (w->bits == 4) dot(w->q + row * w->k / 2, 4, scale, xq, xscale, ldx, groups, R, y);   /* bits a constant too */
+    const uint16_t *scale = w->scale + (row - row % 64) * groups + row % 64;
+    if (w->bits == 4) dot(w->q + row * w->k / 2, 4, scale, xq, xscale, ldx, groups, R, y);
     else dot(w->q + row * w->k, 8, scale, xq, xscale, ldx, groups, R, y);
 }
 
@@ -277,36 +271,62 @@ static void prepare(mg_input *in, int64_t r, const float *x) {
     product_input(x, in->k, in->q + r * in->k, in->scale + r * groups, in->sum + r * groups);
 }
 
-/* This thread's share of out[rows, n] = x[rows, k] @ w.T: blocks of weight rows, taken as
- * threads come free (a core busy elsewhere does less); no barrier at the end. `add`: out +=
- * instead. out's rows are ldo apart. */
+/* Weight rows n0..n0+count-1 (a block of 64) of one input row: y (their dot products) plus, for
+ * 4 bits, the zeros' term sum_g (zero[g] - 8 scale[g]) * xsum[g] (8 rows a vector), rounded to
+ * bf16 as torch's int4 kernel's output; into out, or added to it. */
+static void finish(const mg_matrix *w, int64_t n0, int64_t count, const float *xsum, float *y, float *out, int add) {
+    const int64_t groups = w->k / GROUP;
+    const uint16_t *scale = w->scale + n0 * groups, *zero = w->zero + n0 * groups;
+    int64_t i = 0;
+    if (w->bits == 4) {
+#ifdef __AVX2__
+        for (; i + 8 <= count; i += 8) {
+            __m256 z = _mm256_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                __m256 zg = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(zero + g * 64 + i))), 16));
+                __m256 sg = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scale + g * 64 + i))), 16));
+                z = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sg, zg), _mm256_broadcast_ss(xsum + g), z);
+            }
+            __m256i u = _mm256_castps_si256(_mm256_add_ps(_mm256_loadu_ps(y + i), z));   /* bf16_round, 8 at a time */
+            u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+            _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u))));
+        }
+#endif
+        for (; i < count; i++) {
+            float z = 0.0f;
+            for (int64_t g = 0; g < groups; g++)
+                z = fmaf(fmaf(-8.0f, from_bf16(scale[g * 64 + i]), from_bf16(zero[g * 64 + i])), xsum[g], z);
+            y[i] = bf16_round(y[i] + z);
+        }
+    }
+    for (i = 0; i < count; i++) out[n0 + i] = add ? out[n0 + i] + y[i] : y[i];
+}
+
+/* This thread's share of out[rows, n] = x[rows, k] @ w.T (weight rows split evenly over the
+ * team, in blocks of 64); no barrier at the end. `add`: out += instead. out's rows are ldo apart. */
 static void product(const mg_matrix *w, const mg_input *in, float *out, int64_t ldo, int add) {
     const int64_t groups = w->k / GROUP, rows = in->rows;
     #pragma omp for schedule(static) nowait
-    for (int64_t n0 = 0; n0 < w->n; n0 += 32) {
-        for (int64_t n = n0; n < n0 + 32 && n < w->n; n++) {
-            for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-                float y[4];
-                const int16_t *xq = in->q + r0 * w->k;
-                const float *xs = in->scale + r0 * groups;
-                switch (rows - r0 >= 4 ? 4 : rows - r0) {
-                case 4: dot_rows(w, n, xq, xs, w->k, 4, y); break;
-                case 3: dot_rows(w, n, xq, xs, w->k, 3, y); break;
-                case 2: dot_rows(w, n, xq, xs, w->k, 2, y); break;
-                default: dot_rows(w, n, xq, xs, w->k, 1, y);
+    for (int64_t n0 = 0; n0 < w->n; n0 += 64) {
+        const int64_t count = w->n - n0 < 64 ? w->n - n0 : 64;
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+            const int R = rows - r0 >= 4 ? 4 : (int)(rows - r0);
+            const int16_t *xq = in->q + r0 * w->k;
+            const float *xs = in->scale + r0 * groups;
+            float y[4][64], d[4];
+            for (int64_t n = n0; n < n0 + count; n++) {
+                switch (R) {
+                case 4: dot_rows(w, n, xq, xs, w->k, 4, d); break;
+                case 3: dot_rows(w, n, xq, xs, w->k, 3, d); break;
+                case 2: dot_rows(w, n, xq, xs, w->k, 2, d); break;
+                default: dot_rows(w, n, xq, xs, w->k, 1, d);
                 }
-                for (int64_t r = r0; r < rows && r < r0 + 4; r++) {
-                    float v = y[r - r0];
-                    if (w->bits == 4) {   /* the zeros' term, then torch's int4 kernel's bf16 output */
-                        const float *zero = w->zero + n * groups, *xsum = in->sum + r * groups;
-                        float z = 0.0f;
-                        #pragma omp simd reduction(+:z)
-                        for (int64_t g = 0; g < groups; g++) z += zero[g] * xsum[g];
-                        v = bf16_round(v + z);
-                    }
-                    out[r * ldo + n] = add ? out[r * ldo + n] + v : v;
-                }
+                for (int r = 0; r < R; r++) y[r][n - n0] = d[r];
             }
+            for (int r = 0; r < R; r++) finish(w, n0, count, in->sum + (r0 + r) * groups, y[r], out + (r0 + r) * ldo, add);
         }
     }
 }

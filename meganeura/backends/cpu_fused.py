@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cpu_weights import Int4Weight, Int8Weight
 from .torch_backend import rope_tables
@@ -105,8 +106,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).float()
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """Per-group numbers [n, groups] in bf16, laid out [n / 64, groups, 64] (n padded to 64):
+    a block of 64 rows' numbers for one group are 8 rows a vector."""
+    t = F.pad(t, (0, 0, 0, -len(t) % 64)).to(torch.bfloat16)
+    return t.reshape(-1, 64, t.shape[1]).transpose(1, 2).contiguous()
 
 
 def _matrix(parts: list, keep: list) -> _Matrix | None:
@@ -124,9 +128,9 @@ def _matrix(parts: list, keep: list) -> _Matrix | None:
         setattr(p, field, codes[start:start + p.shape[0]])
         start += p.shape[0]
     d = torch.cat([p.scales for p in parts])
-    scale, zero = _bf16(d).contiguous(), None
-    if field == "codes":  # (q - 8) * bf16(d) + bf16(m + 8d)
-        zero = (_bf16(torch.cat([p.mins for p in parts]) + 8 * d) - 8 * scale).contiguous()
+    scale, zero = _blocks(d), None
+    if field == "codes":  # (q - 8) * bf16(d) + bf16(m + 8d), as torch's int4 kernel
+        zero = _blocks(torch.cat([p.mins for p in parts]) + 8 * d)
     keep += [codes, scale, zero]
     return _Matrix(codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), codes.shape[0],
                    parts[0].shape[1], 4 if field == "codes" else 8)
