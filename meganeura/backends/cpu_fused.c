@@ -426,8 +426,8 @@ int64_t mg_work_floats(const mg_model *m, int64_t rows, int64_t max_tokens) {
 
 /* One decode step: row r is token x[r] (its embedding, [rows, hidden], updated in place) at
  * position pos[r] of the sequence whose pages are table[slot[r] * table_stride ...]; its
- * logits go to logits[r * vocab ...]. cos_sin: [rows, head_dim], each row's RoPE cos and
- * sin halves (as torch_backend.rope_tables makes them, so the same bits). */
+ * logits go to logits[r * vocab ...]. cos_sin: [positions, head_dim], each position's RoPE
+ * cos and sin halves (as torch_backend.rope_tables makes them, so the same bits). */
 void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, const int64_t *slot,
                const int64_t *table, int64_t table_stride, const float *cos_sin, float *logits, float *shared,
                float *work, int threads) {
@@ -455,7 +455,7 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
             #pragma omp for schedule(static)   /* (row, chunk) pairs over the team */
             for (int64_t i = 0; i < rows * CHUNKS; i++) {
                 int64_t r = i / CHUNKS, c = i % CHUNKS;
-                attend(m, L, qkv + r * qkv_n, pos[r], table + slot[r] * table_stride, cos_sin + r * d, c, buf,
+                attend(m, L, qkv + r * qkv_n, pos[r], table + slot[r] * table_stride, cos_sin + pos[r] * d, c, buf,
                        parts + r * part_n + c * m->heads * (d + 2));
             }   /* (the loop's barrier) */
             for (int64_t r = 0; r < rows; r++) {

@@ -181,12 +181,16 @@ class FusedStep:
                 raise ValueError("the KV cache's pages are not laid out as the fused step reads them")
             self.layers[i].k_cache, self.layers[i].v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         self.model.page_size, self.model.page_stride = cache.layout.block_size, k_cache.stride(0)
+        # every position's RoPE cos and sin halves [max_seq, head_dim], as the layered path makes them
+        d, positions = self.cfg.head_dim, torch.arange(cache.layout.max_seq)
+        cos, sin = rope_tables(positions, d, self.cfg.rope_theta, torch.float32)
+        self.rope = torch.cat([cos[:, 0, : d // 2], sin[:, 0, : d // 2]], dim=1)
         self.cache = cache
 
     def __call__(self, token_ids, positions, slots) -> torch.Tensor:
         if self.cache is None:
             self._bind()
-        rows, d, threads = len(positions), self.cfg.head_dim, torch.get_num_threads()
+        rows, threads = len(positions), torch.get_num_threads()
         pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
         slot = torch.as_tensor(np.asarray(slots, dtype=np.int64))
         scratch = self._scratch.get((threads, rows))
@@ -195,14 +199,12 @@ class FusedStep:
             scratch = self._scratch[threads, rows] = (
                 torch.empty(self.lib.mg_shared_floats(model, rows)),
                 torch.empty(threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)))
-        cos, sin = rope_tables(pos, d, self.cfg.rope_theta, torch.float32)  # the layered path's bits
-        cos_sin = torch.cat([cos[:, 0, : d // 2], sin[:, 0, : d // 2]], dim=1)
         x = self.store.parameter(self.embedding)[torch.as_tensor(np.asarray(token_ids, dtype=np.int64))]
         x = x.float().contiguous()
         table = self.cache.device_table
         logits = torch.empty(rows, self.model.head.n)
         self.lib.mg_decode(ctypes.byref(self.model), rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(),
-                           table.data_ptr(), table.stride(0), cos_sin.data_ptr(), logits.data_ptr(),
+                           table.data_ptr(), table.stride(0), self.rope.data_ptr(), logits.data_ptr(),
                            scratch[0].data_ptr(), scratch[1].data_ptr(), threads)
         return logits
 
