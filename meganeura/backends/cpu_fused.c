@@ -6,8 +6,9 @@
  *
  * Arithmetic follows the layered path (backends/torch_backend.py with cpu_weights.py's forms):
  * activations, norms, RoPE, attention and the KV cache in float32; each product's input rounded
- * to bfloat16 and its group scales and zeros too, as torch's int4 kernel takes them, the sums in
- * float32, 4-bit products' outputs rounded to bfloat16. Only summation orders differ. */
+ * to bfloat16 and its group scales and zeros too, as torch's int4 kernel takes them, 4-bit
+ * products' outputs rounded to bfloat16. What differs: summation orders, and the inputs held as
+ * 16-bit integers per group of 32 (product_input) so that each group's sum is exact. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -20,7 +21,7 @@
 #define CHUNKS 8   /* a row's attention is split into this many chunks of its pages (any thread count) */
 
 typedef struct {
-    const uint8_t *q;     /* 4 bits: [n, k/2], GGUF's block order (byte j: values j and j + 16); 8 bits: int8 [n, k] */
+    const uint8_t *q;   /* 4 bits: [n, k/2], GGUF's order (byte j of a group: values j, j + 16); 8 bits: int8 [n, k] */
     /* bf16, [n / 64, k/32, 64] (n padded to 64): 8 bits w = q * scale; 4 bits w = (q - 8) * scale + zero */
     const uint16_t *scale, *zero;
     int64_t n, k, bits;
@@ -174,7 +175,8 @@ static void product_input(const float *x, int64_t k, int16_t *xq, float *xscale,
 #ifdef __AVX2__
         const __m256 by = _mm256_set1_ps(inv);
         for (int j = 0; j < 4; j += 2) {   /* rounded to nearest even, as lrintf */
-            __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], by)), hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], by));
+            __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], by));
+            __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], by));
             _mm256_storeu_si256((__m256i *)(xq + 8 * j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
         }
 #else
@@ -326,7 +328,8 @@ static void product(const mg_matrix *w, const mg_input *in, float *out, int64_t 
                 }
                 for (int r = 0; r < R; r++) y[r][n - n0] = d[r];
             }
-            for (int r = 0; r < R; r++) finish(w, n0, count, in->sum + (r0 + r) * groups, y[r], out + (r0 + r) * ldo, add);
+            for (int r = 0; r < R; r++)
+                finish(w, n0, count, in->sum + (r0 + r) * groups, y[r], out + (r0 + r) * ldo, add);
         }
     }
 }
@@ -359,9 +362,8 @@ static void attend(const mg_model *m, const mg_layer *L, const float *qkv, int64
                    const float *cs, int64_t c, float *buf, float *part) {
     const int64_t d = m->head_dim, heads = m->heads, kv_dim = m->kv_heads * d, group = heads / m->kv_heads;
     const int64_t ps = m->page_size, n_pages = pos / ps + 1;
-    const int64_t t0 = c * n_pages / CHUNKS * ps, t1 = (c + 1) * n_pages / CHUNKS * ps < pos + 1 ?
-                                                          (c + 1) * n_pages / CHUNKS * ps : pos + 1;
-    const int64_t n = t1 - t0;
+    const int64_t t0 = c * n_pages / CHUNKS * ps, end = (c + 1) * n_pages / CHUNKS * ps;
+    const int64_t t1 = end < pos + 1 ? end : pos + 1, n = t1 - t0;
     for (int64_t h = 0; h < heads; h++) {
         float *ph = part + h * (d + 2);
         ph[0] = -INFINITY;
@@ -385,7 +387,7 @@ static void attend(const mg_model *m, const mg_layer *L, const float *qkv, int64
     }
     for (int64_t h = 0; h < heads; h++) {
         float top = -INFINITY;
-        for (int64_t i = 0; i < n; i++) top = scores[h * n + i] > top ? scores[h * n + i] : top;
+        for (int64_t i = 0; i < n; i++) top = fmaxf(top, scores[h * n + i]);
         part[h * (d + 2)] = top;
         part[h * (d + 2) + 1] = exp_shifted(scores + h * n, n, top);
     }
@@ -399,7 +401,7 @@ static void attend(const mg_model *m, const mg_layer *L, const float *qkv, int64
 static void merge(const float *part, int64_t heads, int64_t d, float *out) {
     for (int64_t h = 0; h < heads; h++) {
         float top = -INFINITY, sum = 0.0f;
-        for (int c = 0; c < CHUNKS; c++) top = part[(c * heads + h) * (d + 2)] > top ? part[(c * heads + h) * (d + 2)] : top;
+        for (int c = 0; c < CHUNKS; c++) top = fmaxf(top, part[(c * heads + h) * (d + 2)]);
         memset(out + h * d, 0, d * sizeof(float));
         for (int c = 0; c < CHUNKS; c++) {
             const float *p = part + (c * heads + h) * (d + 2);

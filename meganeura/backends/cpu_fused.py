@@ -1,17 +1,18 @@
-"""The fused CPU decode step: one row's step through every layer in compiled C (cpu_fused.c).
+"""The fused CPU decode step: a whole decode step through every layer in compiled C (cpu_fused.c).
 
 A layered one-row decode step with 4-bit weights is ~1,500 torch calls, each paying Python,
 dispatch and an OpenMP region's start, and torch's int4 kernel alone took longer than llama.cpp's
-whole token on an AVX2 CPU (docs/perf.md). Here the whole step is one call into C: its own
-products over the weights' 4-bit and 8-bit codes, and RMSNorm, RoPE, the paged cache write,
-attention and SwiGLU in loops between them, the threads meeting at a few barriers a layer.
+whole token on an AVX2 CPU (docs/perf.md). Here the step is one call into C: its own products
+over the weights' 4-bit and 8-bit codes, and RMSNorm, RoPE, the paged cache write, attention and
+SwiGLU in loops between them, the threads meeting at 5 barriers a layer (docs/design.md, "The
+fused CPU decode step").
 
 The C source is compiled once per machine with the system's C compiler (`cc -O3
 -march=native -fopenmp`, ~1 s) into the user's cache directory; a later start only loads it.
 Without a compiler, when compiling fails, or with MEGANEURA_CPU_FUSED=0, `fused_step` gives
-None and the layered path runs. It applies to one-row decode steps of a Llama-style text model
-on the CPU whose product weights are all int4 or int8 (`cpu_weights.py`); it keeps its own
-copy of the codes beside torch's packed weights, which prefills use.
+None and the layered path runs. It applies to decode steps (any row count) of a Llama-style text
+decoder on the CPU in float32 whose product weights are all int4 or int8 (`cpu_weights.py`); it
+keeps its own copy of the codes beside torch's packed weights, which prefills use.
 """
 
 from __future__ import annotations
@@ -149,10 +150,9 @@ class FusedStep:
     def __init__(self, lib, runner, weights) -> None:
         cfg, names, store = runner.spec.text, runner.spec.names, runner.store
         self.lib, self.runner, self.store, self.cfg = lib, runner, store, cfg
-        norm = {}
-        for name in [names.layer(i) + n for i in range(cfg.num_hidden_layers)
-                     for n in ("input_layernorm.weight", "post_attention_layernorm.weight")] + [names.model + "norm.weight"]:
-            norm[name] = store.parameter(name).float().contiguous()
+        names_of_norms = [names.layer(i) + n for i in range(cfg.num_hidden_layers)
+                          for n in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+        norm = {n: store.parameter(n).float().contiguous() for n in names_of_norms + [names.model + "norm.weight"]}
         self._keep: list = list(norm.values())
         self.layers = (_Layer * cfg.num_hidden_layers)()
         for i in range(cfg.num_hidden_layers):
@@ -170,7 +170,7 @@ class FusedStep:
                             cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
                             norm[names.model + "norm.weight"].data_ptr())
         self.embedding = names.model + "embed_tokens.weight"
-        self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (threads, rows) -> buffers
+        self._shared = self._work = torch.empty(0)  # scratch, grown to the widest step seen
         self.cache = None
 
     def _bind(self) -> None:
@@ -193,19 +193,20 @@ class FusedStep:
         rows, threads = len(positions), torch.get_num_threads()
         pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
         slot = torch.as_tensor(np.asarray(slots, dtype=np.int64))
-        scratch = self._scratch.get((threads, rows))
-        if scratch is None:
-            model = ctypes.byref(self.model)
-            scratch = self._scratch[threads, rows] = (
-                torch.empty(self.lib.mg_shared_floats(model, rows)),
-                torch.empty(threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)))
+        model = ctypes.byref(self.model)
+        shared = self.lib.mg_shared_floats(model, rows)
+        work = threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)
+        if self._shared.numel() < shared:
+            self._shared = torch.empty(shared)
+        if self._work.numel() < work:
+            self._work = torch.empty(work)
         x = self.store.parameter(self.embedding)[torch.as_tensor(np.asarray(token_ids, dtype=np.int64))]
         x = x.float().contiguous()
         table = self.cache.device_table
         logits = torch.empty(rows, self.model.head.n)
-        self.lib.mg_decode(ctypes.byref(self.model), rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(),
-                           table.data_ptr(), table.stride(0), self.rope.data_ptr(), logits.data_ptr(),
-                           scratch[0].data_ptr(), scratch[1].data_ptr(), threads)
+        self.lib.mg_decode(model, rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(), table.data_ptr(),
+                           table.stride(0), self.rope.data_ptr(), logits.data_ptr(), self._shared.data_ptr(),
+                           self._work.data_ptr(), threads)
         return logits
 
 
