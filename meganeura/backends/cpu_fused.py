@@ -191,8 +191,7 @@ class FusedStep:
         if self.cache is None:
             self._bind()
         rows, threads = len(positions), torch.get_num_threads()
-        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        slot = torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        pos, slot = (torch.as_tensor(np.asarray(a), dtype=torch.int64) for a in (positions, slots))
         model = ctypes.byref(self.model)
         shared = self.lib.mg_shared_floats(model, rows)
         work = threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)
@@ -200,7 +199,7 @@ class FusedStep:
             self._shared = torch.empty(shared)
         if self._work.numel() < work:
             self._work = torch.empty(work)
-        x = self.store.parameter(self.embedding)[torch.as_tensor(np.asarray(token_ids, dtype=np.int64))]
+        x = self.store.parameter(self.embedding)[torch.as_tensor(token_ids, dtype=torch.int64)]
         x = x.float().contiguous()
         table = self.cache.device_table
         logits = torch.empty(rows, self.model.head.n)

@@ -330,7 +330,7 @@ class ModelRunner:
             limit = self.max_seq if slot == self.cache.dummy_slot else self.cache.slot_tokens(slot)
             if not 0 <= pos < limit:
                 raise ValueError(f"decode: position {pos} is outside slot {slot}'s {limit} tokens")
-        fused = None if on_device else self._fused_step()
+        fused = self._fused_step()  # (on the CPU, tokens a sampler left on the backend are CPU tensors)
         if fused is not None:
             return fused(token_ids, positions, slots)
         size = self.decode_rows(rows)
