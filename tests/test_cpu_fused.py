@@ -5,6 +5,8 @@ SmolLM2 Q4_1 file gives the same greedy answers with the step on and off."""
 
 from pathlib import Path
 
+import time
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,28 @@ from meganeura.session import CompileOptions
 from tiny_models import llama_spec, rel_err, state_dict, tiny_llama
 
 pytestmark = pytest.mark.skipif(cpu_fused.library() is None, reason="no C compiler here: the layered path runs")
+
+
+def test_without_a_compiler_the_layered_step_runs_and_a_built_step_loads_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    cpu_fused.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be compiled"):
+            assert cpu_fused.library() is None
+        rt = _runner(tiny_llama(), "int4")
+        assert rt._fused_step() is None
+        slot = rt.cache.take(4)
+        rt.prefill([1, 2, 3], slot)
+        assert np.isfinite(rt.to_host(rt.decode([4], [3], [slot]))).all()
+    finally:
+        monkeypatch.undo()
+        cpu_fused.library.cache_clear()
+    assert cpu_fused.library() is not None  # the machine's build, made before this test
+    cpu_fused.library.cache_clear()
+    start = time.perf_counter()
+    assert cpu_fused.library() is not None
+    assert time.perf_counter() - start < 0.5  # a start-up only loads it
 
 
 def _runner(model, quantize: str) -> ModelRunner:

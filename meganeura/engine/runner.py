@@ -17,8 +17,9 @@ Row padding, the one policy (`prefill_rows`, `decode_rows`):
   kernels/decode_attention.py; cuBLAS would pick its kernel by row count); on the CPU the
   products run in pairs of rows (graphs built batch-invariant), the shape whose per-row
   results do not depend on the other rows (measured: one-row products take another kernel,
-  and wider ones vary with the row count). Padding rows repeat the last row: they write the
-  same cache entry with the same values.
+  and wider ones vary with the row count), and with int4/int8 weights the whole step runs as
+  one compiled C call (backends/cpu_fused.py) whose rows never see each other. Padding rows
+  repeat the last row: they write the same cache entry with the same values.
 A step's logits stay valid until the next step; vision features are copies.
 """
 
