@@ -17,8 +17,9 @@ Row padding, the one policy (`prefill_rows`, `decode_rows`):
   kernels/decode_attention.py; cuBLAS would pick its kernel by row count); on the CPU the
   products run in pairs of rows (graphs built batch-invariant), the shape whose per-row
   results do not depend on the other rows (measured: one-row products take another kernel,
-  and wider ones vary with the row count). Padding rows repeat the last row: they write the
-  same cache entry with the same values.
+  and wider ones vary with the row count), and with int4/int8 weights the whole step runs as
+  one compiled C call (backends/cpu_fused.py) whose rows never see each other. Padding rows
+  repeat the last row: they write the same cache entry with the same values.
 A step's logits stay valid until the next step; vision features are copies.
 """
 
@@ -82,6 +83,7 @@ class ModelRunner:
         self.records = self.backend.can_capture
         self._sessions: dict[tuple, Session] = {}
         self._packed: dict[Session, object] = {}  # a text session's packed index inputs
+        self._fused = (None, None)  # (store version, the compiled CPU decode step or None)
         self.weight_form, self.weight_form_reason = "none", "no weights loaded"  # set by load_weights
 
     # ---- weights ----------------------------------------------------------------------
@@ -115,6 +117,7 @@ class ModelRunner:
             self.store.set_parameter(name, read(), reload=read, form=form)
             if form and name in self._lookup_tables:  # a tied head: rows are looked up too
                 self.store.parameters[name].lookups = True
+        self._fused = (self.store.version, self._make_fused_step())  # while the weights hold their codes
         counts = {f: sum(1 for g in forms.values() if g == f) for f in sorted(set(forms.values()))}
         self.weight_form = max(counts, key=counts.get) if counts else "none"
         if len(counts) > 1:
@@ -328,6 +331,9 @@ class ModelRunner:
             limit = self.max_seq if slot == self.cache.dummy_slot else self.cache.slot_tokens(slot)
             if not 0 <= pos < limit:
                 raise ValueError(f"decode: position {pos} is outside slot {slot}'s {limit} tokens")
+        fused = self._fused_step()  # (on the CPU, tokens a sampler left on the backend are CPU tensors)
+        if fused is not None:
+            return fused(token_ids, positions, slots)
         size = self.decode_rows(rows)
         if size > rows:  # padding rows repeat the last row
             positions, slots = (np.pad(a, (0, size - rows), mode="edge") for a in (positions, slots))
@@ -338,6 +344,19 @@ class ModelRunner:
         s.run()
         out = s.output()
         return out[:rows] if size > rows else out
+
+    def _make_fused_step(self):
+        if self.options.backend != "torch" or self.options.device != "cpu":
+            return None
+        from ..backends.cpu_fused import fused_step
+        return fused_step(self)
+
+    def _fused_step(self):
+        """The compiled CPU decode step (backends/cpu_fused.py) for int4/int8 weights, made when
+        the weights are loaded (again if they change); None where it does not apply."""
+        if self._fused[0] != self.store.version:
+            self._fused = (self.store.version, self._make_fused_step())
+        return self._fused[1]
 
     def _check_ids(self, token_ids, image_rows, rows: int) -> None:
         """Out-of-range ids would read outside a GPU buffer: refuse them here."""

@@ -1,0 +1,237 @@
+"""The fused CPU decode step: a whole decode step through every layer in compiled C (cpu_fused.c).
+
+A layered one-row decode step with 4-bit weights is ~1,500 torch calls, each paying Python,
+dispatch and an OpenMP region's start, and torch's int4 kernel alone took longer than llama.cpp's
+whole token on an AVX2 CPU (docs/perf.md). Here the step is one call into C: its own products
+over the weights' 4-bit and 8-bit codes, and RMSNorm, RoPE, the paged cache write, attention and
+SwiGLU in loops between them, the threads meeting at 5 barriers a layer (docs/design.md, "The
+fused CPU decode step").
+
+The C source is compiled once per machine with the system's C compiler (`cc -O3
+-march=native -fopenmp`, ~1 s) into the user's cache directory; a later start only loads it.
+Without a compiler, when compiling fails, or with MEGANEURA_CPU_FUSED=0, `fused_step` gives
+None and the layered path runs. It applies to decode steps (any row count) of a Llama-style text
+decoder on the CPU in float32 whose product weights are all int4 or int8 (`cpu_weights.py`); it
+keeps its own copy of the codes beside torch's packed weights, which prefills use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cpu_weights import Int4Weight, Int8Weight
+from .torch_backend import rope_tables
+
+SOURCE = Path(__file__).with_name("cpu_fused.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, _Matrix) for n in ("qkv", "o", "gate_up", "down")] + [
+        (n, ctypes.c_void_p) for n in ("attn_norm", "mlp_norm", "k_cache", "v_cache")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                             "page_size", "page_stride")] + [
+        ("eps", ctypes.c_float), ("layer", ctypes.POINTER(_Layer)),
+        ("head", _Matrix), ("final_norm", ctypes.c_void_p)]
+
+
+def enabled() -> bool:
+    return os.environ.get("MEGANEURA_CPU_FUSED", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meganeura" / "cpu_fused"
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step, built on first use and cached per source, compiler and CPU; None
+    (with a warning) where it cannot be built. `import torch` has loaded torch's OpenMP
+    runtime (libgomp.so.1) already, so the library's OpenMP threads are torch's."""
+    if platform.system() != "Linux":
+        return None
+    cc = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _machine().encode()]))
+    path = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed in place: atomic for other processes
+                out = Path(tmp) / path.name
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                out.replace(path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            warnings.warn(f"the fused CPU decode step could not be compiled ({e}; {detail.decode()[-300:]}): "
+                          "decoding takes the layered path", RuntimeWarning, stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(path))
+    model, i64, ptr = ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p
+    lib.mg_decode.restype = None
+    lib.mg_decode.argtypes = [model, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.mg_shared_floats.restype = lib.mg_work_floats.restype = i64
+    lib.mg_shared_floats.argtypes = [model, i64]
+    lib.mg_work_floats.argtypes = [model, i64, i64]
+    return lib
+
+
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """Per-group numbers [n, groups] in bf16, laid out [n / 64, groups, 64] (n padded to 64):
+    a block of 64 rows' numbers for one group are 8 rows a vector."""
+    t = F.pad(t, (0, 0, 0, -len(t) % 64)).to(torch.bfloat16)
+    return t.reshape(-1, 64, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def _matrix(parts: list, keep: list) -> _Matrix | None:
+    """Weights of one form stacked along N, in the C step's form: the codes (shared with the
+    parts, which hold views of them until torch packs them), scales and zeros rounded to bf16
+    as torch's int4 kernel takes them; None for other forms. The tensors made are appended to
+    `keep` (the C side holds only their addresses)."""
+    field = "codes" if all(isinstance(p, Int4Weight) for p in parts) else "values"
+    if not all(isinstance(p, Int4Weight if field == "codes" else Int8Weight) and getattr(p, field) is not None
+               for p in parts):
+        return None
+    codes = getattr(parts[0], field) if len(parts) == 1 else torch.cat([getattr(p, field) for p in parts])
+    codes, start = codes.contiguous(), 0
+    for p in parts:
+        setattr(p, field, codes[start:start + p.shape[0]])
+        start += p.shape[0]
+    d = torch.cat([p.scales for p in parts])
+    scale, zero = _blocks(d), None
+    if field == "codes":  # (q - 8) * bf16(d) + bf16(m + 8d), as torch's int4 kernel
+        zero = _blocks(torch.cat([p.mins for p in parts]) + 8 * d)
+    keep += [codes, scale, zero]
+    return _Matrix(codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), codes.shape[0],
+                   parts[0].shape[1], 4 if field == "codes" else 8)
+
+
+ROLES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+class FusedStep:
+    """step(token_ids, positions, slots) -> float32 logits [rows, vocab]: one decode step, each
+    row a sequence (its own slot), through the runner's weights and KV cache. Made from the
+    store's weights while they hold their codes (`fused_step`); binds the KV cache (allocated
+    after the weights) at its first step."""
+
+    def __init__(self, lib, runner, weights) -> None:
+        cfg, names, store = runner.spec.text, runner.spec.names, runner.store
+        self.lib, self.runner, self.store, self.cfg = lib, runner, store, cfg
+        names_of_norms = [names.layer(i) + n for i in range(cfg.num_hidden_layers)
+                          for n in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+        norm = {n: store.parameter(n).float().contiguous() for n in names_of_norms + [names.model + "norm.weight"]}
+        self._keep: list = list(norm.values())
+        self.layers = (_Layer * cfg.num_hidden_layers)()
+        for i in range(cfg.num_hidden_layers):
+            p = names.layer(i)
+            mats = {role: _matrix([weights(p + part + ".weight") for part in parts], self._keep)
+                    for role, parts in ROLES.items()}
+            if None in mats.values():
+                raise ValueError("a product weight is not in a form the fused step reads")
+            self.layers[i] = _Layer(**mats, attn_norm=norm[p + "input_layernorm.weight"].data_ptr(),
+                                    mlp_norm=norm[p + "post_attention_layernorm.weight"].data_ptr())
+        head = _matrix([weights(runner._product_weights[1])], self._keep)
+        if head is None:
+            raise ValueError("the lm_head is not in a form the fused step reads")
+        self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                            cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
+                            norm[names.model + "norm.weight"].data_ptr())
+        self.embedding = names.model + "embed_tokens.weight"
+        self._shared = self._work = torch.empty(0)  # scratch, grown to the widest step seen
+        self.cache = None
+
+    def _bind(self) -> None:
+        cache, names = self.runner.cache, self.runner.spec.names
+        for i in range(self.cfg.num_hidden_layers):
+            k_cache, v_cache = (self.store.states[n] for n in cache.layout.state_names(names.layer(i)))
+            if k_cache.stride()[1:] != (self.cfg.kv_dim, 1) or v_cache.stride() != k_cache.stride():
+                raise ValueError("the KV cache's pages are not laid out as the fused step reads them")
+            self.layers[i].k_cache, self.layers[i].v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        self.model.page_size, self.model.page_stride = cache.layout.block_size, k_cache.stride(0)
+        # every position's RoPE cos and sin halves [max_seq, head_dim], as the layered path makes them
+        d, positions = self.cfg.head_dim, torch.arange(cache.layout.max_seq)
+        cos, sin = rope_tables(positions, d, self.cfg.rope_theta, torch.float32)
+        self.rope = torch.cat([cos[:, 0, : d // 2], sin[:, 0, : d // 2]], dim=1)
+        self.cache = cache
+
+    def __call__(self, token_ids, positions, slots) -> torch.Tensor:
+        if self.cache is None:
+            self._bind()
+        rows, threads = len(positions), torch.get_num_threads()
+        pos, slot = (torch.as_tensor(np.asarray(a), dtype=torch.int64) for a in (positions, slots))
+        model = ctypes.byref(self.model)
+        shared = self.lib.mg_shared_floats(model, rows)
+        work = threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)
+        if self._shared.numel() < shared:
+            self._shared = torch.empty(shared)
+        if self._work.numel() < work:
+            self._work = torch.empty(work)
+        x = self.store.parameter(self.embedding)[torch.as_tensor(token_ids, dtype=torch.int64)]
+        x = x.float().contiguous()
+        table = self.cache.device_table
+        logits = torch.empty(rows, self.model.head.n)
+        self.lib.mg_decode(model, rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(), table.data_ptr(),
+                           table.stride(0), self.rope.data_ptr(), logits.data_ptr(), self._shared.data_ptr(),
+                           self._work.data_ptr(), threads)
+        return logits
+
+
+def fused_step(runner) -> FusedStep | None:
+    """The runner's fused decode step, or None where it does not apply: not the torch CPU
+    backend in float32, a product weight (the lm_head included) neither int4 nor int8, or no
+    compiled library. Cheapest right after loading, while the store's weights hold their codes
+    (the step shares them); later, weights already packed for torch are read again from their
+    sources."""
+    o, store = runner.options, runner.store
+    if not (enabled() and o.backend == "torch" and o.device == "cpu" and o.dtype == "float32"):
+        return None
+    product_weights, _ = runner._product_weights
+    if not product_weights or any(store.forms.get(n) not in ("int4", "int8") for n in product_weights):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+
+    def weight(name: str):
+        w = store.parameters.get(name)
+        if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:
+            return w
+        return store.backend.weight(store.sources[name](), store.forms[name])
+
+    try:
+        return FusedStep(lib, runner, weight)
+    except ValueError:
+        return None

@@ -1,0 +1,122 @@
+"""The compiled CPU decode step (backends/cpu_fused.py) against the layered torch path it
+replaces and a float32 model of the same weights: a tiny Llama in int4 (tied head) and int8,
+three sequences over paged caches; each row's logits do not depend on the batch; the real
+SmolLM2 Q4_1 file gives the same greedy answers with the step on and off."""
+
+from pathlib import Path
+
+import time
+
+import numpy as np
+import pytest
+
+import meganeura
+from meganeura.backends import cpu_fused
+from meganeura.engine.runner import ModelRunner
+from meganeura.session import CompileOptions
+from tiny_models import llama_spec, rel_err, state_dict, tiny_llama
+
+pytestmark = pytest.mark.skipif(cpu_fused.library() is None, reason="no C compiler here: the layered path runs")
+
+
+def test_without_a_compiler_the_layered_step_runs_and_a_built_step_loads_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    cpu_fused.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be compiled"):
+            assert cpu_fused.library() is None
+        rt = _runner(tiny_llama(), "int4")
+        assert rt._fused_step() is None
+        slot = rt.cache.take(4)
+        rt.prefill([1, 2, 3], slot)
+        assert np.isfinite(rt.to_host(rt.decode([4], [3], [slot]))).all()
+    finally:
+        monkeypatch.undo()
+        cpu_fused.library.cache_clear()
+    assert cpu_fused.library() is not None  # the machine's build, made before this test
+    cpu_fused.library.cache_clear()
+    start = time.perf_counter()
+    assert cpu_fused.library() is not None
+    assert time.perf_counter() - start < 0.5  # a start-up only loads it
+
+
+def _runner(model, quantize: str) -> ModelRunner:
+    rt = ModelRunner(llama_spec(model), CompileOptions(backend="torch", quantize=quantize))
+    tied = model.config.tie_word_embeddings  # the table is the head (and an int8 weight kept for lookups)
+    rt.load_weights({n: w for n, w in state_dict(model).items() if not (tied and n == "lm_head.weight")})
+    return rt
+
+
+def _decode(rt, prompts, steps: int) -> list[np.ndarray]:
+    """Prefill each prompt but its last `steps` tokens in its own slot, then decode those
+    (every runner the same tokens: a tiny random model's near-ties would fork greedy answers),
+    all rows in each step: each step's logits [rows, vocab]."""
+    slots = [rt.cache.take(len(p)) for p in prompts]
+    for p, s in zip(prompts, slots):
+        rt.prefill(p[:-steps], s)
+    return [rt.to_host(rt.decode([int(p[i - steps]) for p in prompts], [len(p) + i - steps for p in prompts], slots))
+            for i in range(steps)]
+
+
+@pytest.mark.parametrize("quantize,tie", [("int4", True), ("int8", False)])
+def test_fused_step_matches_layered_step_and_float_model(quantize, tie, monkeypatch):
+    model = tiny_llama(tie=tie)
+    fused = _runner(model, quantize)
+    assert fused._fused_step() is not None
+    monkeypatch.setenv("MEGANEURA_CPU_FUSED", "0")
+    layered = _runner(model, quantize)
+    assert layered._fused_step() is None
+    reference = _runner(model, "none")
+    for name in fused.store.forms:  # the float model multiplies by the very values the forms hold
+        w = layered.store._upload(name, layered.store.sources[name]())
+        reference.store.set_parameter(name, w.effective().numpy())
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 300, n) for n in (11, 23, 46)]  # 1, 2 and 3 pages of 16 tokens
+    ours, theirs, ref = (_decode(rt, prompts, 6) for rt in (fused, layered, reference))
+    for a, b, r in zip(ours, theirs, ref):
+        # both round product inputs to bf16 (ours then holds them as 16-bit integers per group)
+        # and 4-bit outputs to bf16; int8's layered product rounds two halves to bf16 apiece
+        assert rel_err(a, r) < 1e-2 and rel_err(a, b) < 1e-2
+        assert rel_err(a, r) < 2 * rel_err(b, r) + 1e-3
+
+
+def test_each_rows_logits_do_not_depend_on_the_batch():
+    rt = _runner(tiny_llama(), "int4")
+    step = rt._fused_step()
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 300, n) for n in (3, 16, 33, 50, 7)]  # 5 rows: the products take 4 at a time
+    slots = [rt.cache.take(len(p) + 1) for p in prompts]
+    for p, s in zip(prompts, slots):
+        rt.prefill(p[:-1], s)
+    tokens, positions = [int(p[-1]) for p in prompts], [len(p) - 1 for p in prompts]
+    together = step(tokens, positions, slots).clone()  # (rerunning a row rewrites the same cache entry)
+    for i in range(len(prompts)):
+        alone = step(tokens[i:i + 1], positions[i:i + 1], slots[i:i + 1])
+        assert np.array_equal(alone[0].numpy(), together[i].numpy())
+
+
+def _greedy(rt, ids, new: int) -> list[int]:
+    slot = rt.cache.take(len(ids) + new)
+    try:
+        out = [int(rt.to_host(rt.prefill(ids, slot))[-1].argmax())]
+        for i in range(new - 1):
+            out.append(int(rt.to_host(rt.decode(out[-1:], [len(ids) + i], [slot]))[0].argmax()))
+        return out
+    finally:
+        rt.cache.release(slot)
+
+
+def test_real_smollm2_greedy_answers_equal_the_layered_path(monkeypatch):
+    """The demo question and bench/bench_cpu.py's prompt (docs/design.md's first 128 tokens)."""
+    pipe = meganeura.load("smollm2-135m-instruct", device="cpu", progress=False)
+    rt = pipe.runner
+    assert rt._fused_step() is not None
+    doc = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+    prompts = [pipe.tokenizer.encode(doc, add_special_tokens=False).ids[:128],
+               pipe.prompt(pipe.encode([{"role": "user", "content": "What is the capital of France?"}])).token_ids]
+    fused = [_greedy(rt, ids, 64) for ids in prompts]
+    monkeypatch.setenv("MEGANEURA_CPU_FUSED", "0")
+    assert rt._make_fused_step() is None
+    rt._fused = (rt.store.version, None)
+    assert [_greedy(rt, ids, 64) for ids in prompts] == fused
