@@ -3,12 +3,12 @@ replaces and a float32 model of the same weights: a tiny Llama in int4 (tied hea
 three sequences over paged caches; each row's logits do not depend on the batch; the real
 SmolLM2 Q4_1 file gives the same greedy answers with the step on and off."""
 
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import meganeura
 from meganeura.backends import cpu_fused
@@ -24,7 +24,7 @@ def test_without_a_compiler_the_layered_step_runs_and_a_built_step_loads_at_once
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     cpu_fused.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        with pytest.warns(RuntimeWarning, match="could not be built"):
             assert cpu_fused.library() is None
         rt = _runner(tiny_llama(), "int4")
         assert rt._fused_step() is None
@@ -39,6 +39,64 @@ def test_without_a_compiler_the_layered_step_runs_and_a_built_step_loads_at_once
     start = time.perf_counter()
     assert cpu_fused.library() is not None
     assert time.perf_counter() - start < 0.5  # a start-up only loads it
+
+
+def test_damaged_builds_and_odd_settings_rebuild_or_fall_back(tmp_path, monkeypatch):
+    """A truncated library in the cache is built again (loading it would crash the process); a
+    CC with arguments works; a compiler's non-UTF-8 complaint and a missing home folder give
+    the layered path with a warning, not an error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        built = cpu_fused._built()  # built, not loaded: this process must never have mapped it
+        size = built.stat().st_size
+        built.write_bytes(built.read_bytes()[:4096])
+        cpu_fused.library.cache_clear()
+        assert cpu_fused.library() is not None and built.stat().st_size == size
+
+        monkeypatch.setenv("CC", "cc -std=gnu11")
+        cpu_fused.library.cache_clear()
+        assert cpu_fused.library() is not None
+
+        complaint = tmp_path / "cc.sh"
+        complaint.write_bytes(b"#!/bin/sh\nprintf 'erreur: \\351chec\\n' >&2\nexit 1\n")  # Latin-1 bytes
+        complaint.chmod(0o755)
+        monkeypatch.setenv("CC", str(complaint))
+        cpu_fused.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert cpu_fused.library() is None
+
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+        cpu_fused.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="no home"):
+            assert cpu_fused.library() is None
+    finally:
+        monkeypatch.undo()
+        cpu_fused.library.cache_clear()
+
+
+def test_default_dtype_and_strided_indices_leave_the_logits_alone():
+    """C writes float32 and reads packed int64 whatever the caller's defaults and views."""
+    rt = _runner(tiny_llama(), "int4")
+    step = rt._fused_step()
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 300, n) for n in (5, 20)]
+    slots = [rt.cache.take(len(p) + 1) for p in prompts]
+    for p, s in zip(prompts, slots):
+        rt.prefill(p[:-1], s)
+    tokens, positions = [int(p[-1]) for p in prompts], np.array([len(p) - 1 for p in prompts])
+    expected = step(tokens, positions, slots).clone()
+    for dtype in (torch.bfloat16, torch.float64):
+        torch.set_default_dtype(dtype)
+        try:
+            assert np.array_equal(step(tokens, positions, slots).numpy(), expected.numpy())
+        finally:
+            torch.set_default_dtype(torch.float32)
+    junk = np.full(2, 10**8)
+    strided = np.stack([positions, junk], 1)[:, 0], np.stack([np.array(slots), junk], 1)[:, 0]
+    assert np.array_equal(step(tokens, *strided).numpy(), expected.numpy())
+    assert np.array_equal(step(tokens[::-1], positions[::-1], slots[::-1]).numpy(), expected.numpy()[::-1])
 
 
 def _runner(model, quantize: str) -> ModelRunner:

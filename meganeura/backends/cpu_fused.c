@@ -414,6 +414,17 @@ static void merge(const float *part, int64_t heads, int64_t d, float *out) {
     }
 }
 
+/* out = RMSNorm(x) @ w.T for the input's rows (x's rows `hidden` apart): every thread makes
+ * the inputs itself (no barrier before the product), then computes its share. */
+static void normed_product(const mg_model *m, const mg_matrix *w, const float *x, const float *norm, mg_input *in,
+                           float *xn, float *out, int64_t ldo) {
+    for (int64_t r = 0; r < in->rows; r++) {
+        rms_norm(x + r * m->hidden, norm, m->hidden, m->eps, xn);
+        prepare(in, r, xn);
+    }
+    product(w, in, out, ldo, 0);
+}
+
 static int64_t kmax(const mg_model *m) { return m->inter > m->hidden ? m->inter : m->hidden; }
 
 /* Scratch, in floats: the team's shared buffers and each thread's own (cpu_fused.py sizes them). */
@@ -448,11 +459,7 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
         mg_input by_hidden = {xq, xscale, xsum, rows, hidden}, by_inter = {xq, xscale, xsum, rows, inter};
         for (int64_t l = 0; l < m->layers; l++) {
             const mg_layer *L = m->layer + l;
-            for (int64_t r = 0; r < rows; r++) {
-                rms_norm(x + r * hidden, L->attn_norm, hidden, m->eps, xn);
-                prepare(&by_hidden, r, xn);
-            }
-            product(&L->qkv, &by_hidden, qkv, qkv_n, 0);
+            normed_product(m, &L->qkv, x, L->attn_norm, &by_hidden, xn, qkv, qkv_n);
             #pragma omp barrier
             #pragma omp for schedule(static)   /* (row, chunk) pairs over the team */
             for (int64_t i = 0; i < rows * CHUNKS; i++) {
@@ -466,11 +473,7 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
             }
             product(&L->o, &by_hidden, x, hidden, 1);
             #pragma omp barrier
-            for (int64_t r = 0; r < rows; r++) {
-                rms_norm(x + r * hidden, L->mlp_norm, hidden, m->eps, xn);
-                prepare(&by_hidden, r, xn);
-            }
-            product(&L->gate_up, &by_hidden, gu, 2 * inter, 0);
+            normed_product(m, &L->gate_up, x, L->mlp_norm, &by_hidden, xn, gu, 2 * inter);
             #pragma omp barrier
             for (int64_t r = 0; r < rows; r++) {
                 const float *g = gu + r * 2 * inter, *u = g + inter;
@@ -480,10 +483,6 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
             product(&L->down, &by_inter, x, hidden, 1);
             #pragma omp barrier
         }
-        for (int64_t r = 0; r < rows; r++) {
-            rms_norm(x + r * hidden, m->final_norm, hidden, m->eps, xn);
-            prepare(&by_hidden, r, xn);
-        }
-        product(&m->head, &by_hidden, logits, m->head.n, 0);
+        normed_product(m, &m->head, x, m->final_norm, &by_hidden, xn, logits, m->head.n);
     }
 }

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import warnings
@@ -60,17 +61,19 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # RuntimeError: no home
     return Path(base) / "meganeura" / "cpu_fused"
 
 
 def _machine() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
+    """What -march=native compiles for: the CPU's model and features (x86 and Arm names)."""
+    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part")
     try:
         info = Path("/proc/cpuinfo").read_text()
-        return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
     except OSError:
-        return platform.processor() + platform.machine()
+        info = ""
+    return "\n".join([platform.machine(), platform.processor(),
+                      *sorted({line for line in info.splitlines() if line.startswith(fields)})])
 
 
 @functools.cache
@@ -80,24 +83,13 @@ def library() -> ctypes.CDLL | None:
     runtime (libgomp.so.1) already, so the library's OpenMP threads are torch's."""
     if platform.system() != "Linux":
         return None
-    cc = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _machine().encode()]))
-    path = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed in place: atomic for other processes
-                out = Path(tmp) / path.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
-                               timeout=120)
-                out.replace(path)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            warnings.warn(f"the fused CPU decode step could not be compiled ({e}; {detail.decode()[-300:]}): "
-                          "decoding takes the layered path", RuntimeWarning, stacklevel=2)
-            return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(_built()))
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-300:]
+        warnings.warn(f"the fused CPU decode step could not be built or loaded ({e}; {detail}): decoding takes "
+                      "the layered path", RuntimeWarning, stacklevel=2)
+        return None
     model, i64, ptr = ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p
     lib.mg_decode.restype = None
     lib.mg_decode.argtypes = [model, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -105,6 +97,27 @@ def library() -> ctypes.CDLL | None:
     lib.mg_shared_floats.argtypes = [model, i64]
     lib.mg_work_floats.argtypes = [model, i64, i64]
     return lib
+
+
+def _built() -> Path:
+    """The compiled library's path, built first if the cache lacks it or holds a damaged copy:
+    each build is written beside its SHA-256, and a file that does not match it (truncated,
+    overwritten) is built again rather than loaded (loading a truncated library can crash)."""
+    cc = shlex.split(os.environ.get("CC", "cc"))  # "ccache gcc", "gcc -std=gnu11"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cc + FLAGS).encode(), _machine().encode()]))
+    path = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
+    digest = path.with_suffix(".sha256")
+    if path.exists() and digest.exists() and digest.read_text() == hashlib.sha256(path.read_bytes()).hexdigest():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # renamed in place: atomic for other processes
+        out = Path(tmp) / path.name
+        subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        (Path(tmp) / digest.name).write_text(hashlib.sha256(out.read_bytes()).hexdigest())
+        out.replace(path)
+        (Path(tmp) / digest.name).replace(digest)
+    return path
 
 
 def _blocks(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +183,7 @@ class FusedStep:
                             cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
                             norm[names.model + "norm.weight"].data_ptr())
         self.embedding = names.model + "embed_tokens.weight"
-        self._shared = self._work = torch.empty(0)  # scratch, grown to the widest step seen
+        self._shared = self._work = _floats(0)  # scratch, grown to the widest step seen
         self.cache = None
 
     def _bind(self) -> None:
@@ -182,7 +195,7 @@ class FusedStep:
             self.layers[i].k_cache, self.layers[i].v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         self.model.page_size, self.model.page_stride = cache.layout.block_size, k_cache.stride(0)
         # every position's RoPE cos and sin halves [max_seq, head_dim], as the layered path makes them
-        d, positions = self.cfg.head_dim, torch.arange(cache.layout.max_seq)
+        d, positions = self.cfg.head_dim, torch.arange(cache.layout.max_seq, device="cpu")
         cos, sin = rope_tables(positions, d, self.cfg.rope_theta, torch.float32)
         self.rope = torch.cat([cos[:, 0, : d // 2], sin[:, 0, : d // 2]], dim=1)
         self.cache = cache
@@ -191,22 +204,28 @@ class FusedStep:
         if self.cache is None:
             self._bind()
         rows, threads = len(positions), torch.get_num_threads()
-        pos, slot = (torch.as_tensor(np.asarray(a), dtype=torch.int64) for a in (positions, slots))
+        # C reads them as packed int64: a strided or reversed view of the caller's becomes a copy
+        pos, slot = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (positions, slots))
         model = ctypes.byref(self.model)
         shared = self.lib.mg_shared_floats(model, rows)
         work = threads * self.lib.mg_work_floats(model, rows, self.cache.layout.max_seq)
         if self._shared.numel() < shared:
-            self._shared = torch.empty(shared)
+            self._shared = _floats(shared)
         if self._work.numel() < work:
-            self._work = torch.empty(work)
-        x = self.store.parameter(self.embedding)[torch.as_tensor(token_ids, dtype=torch.int64)]
+            self._work = _floats(work)
+        x = self.store.parameter(self.embedding)[torch.as_tensor(token_ids, dtype=torch.int64, device="cpu")]
         x = x.float().contiguous()
         table = self.cache.device_table
-        logits = torch.empty(rows, self.model.head.n)
+        logits = _floats(rows, self.model.head.n)
         self.lib.mg_decode(model, rows, x.data_ptr(), pos.data_ptr(), slot.data_ptr(), table.data_ptr(),
                            table.stride(0), self.rope.data_ptr(), logits.data_ptr(), self._shared.data_ptr(),
                            self._work.data_ptr(), threads)
         return logits
+
+
+def _floats(*shape: int) -> torch.Tensor:
+    """What C writes: float32 in host memory, whatever torch's default dtype and device."""
+    return torch.empty(shape, dtype=torch.float32, device="cpu")
 
 
 def fused_step(runner) -> FusedStep | None:
