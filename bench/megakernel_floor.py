@@ -111,6 +111,18 @@ def _tma_product(desc, row0, x_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, P
 
 
 @triton.jit
+def _tma_stage(desc, row0, x_ptr, out_ptr, counter_ptr, done, N: tl.constexpr, K: tl.constexpr,
+               PROGRAMS: tl.constexpr, BARRIERS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               STAGES: tl.constexpr):
+    """_stage through a TMA descriptor."""
+    if BARRIERS:
+        done += PROGRAMS
+        _grid_barrier(counter_ptr, done)
+    _tma_product(desc, row0, x_ptr, out_ptr, N, K, PROGRAMS, BN, BK, STAGES)
+    return done
+
+
+@triton.jit
 def _stream_tma_kernel(d0, d1, d2, d3, x_ptr, out_ptr, counter_ptr, layers, PROGRAMS: tl.constexpr,
                        BARRIERS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                        N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
@@ -118,33 +130,30 @@ def _stream_tma_kernel(d0, d1, d2, d3, x_ptr, out_ptr, counter_ptr, layers, PROG
     """_stream_kernel with the weights read through TMA descriptors (asynchronous bulk copies)."""
     done = 0
     for layer in range(layers):
-        if BARRIERS:
-            done += PROGRAMS
-            _grid_barrier(counter_ptr, done)
-        _tma_product(d0, layer * N0, x_ptr, out_ptr, N0, K0, PROGRAMS, BN, BK, STAGES)
-        if BARRIERS:
-            done += PROGRAMS
-            _grid_barrier(counter_ptr, done)
-        _tma_product(d1, layer * N1, x_ptr, out_ptr + 8192, N1, K1, PROGRAMS, BN, BK, STAGES)
-        if BARRIERS:
-            done += PROGRAMS
-            _grid_barrier(counter_ptr, done)
-        _tma_product(d2, layer * N2, x_ptr, out_ptr + 16384, N2, K2, PROGRAMS, BN, BK, STAGES)
-        if BARRIERS:
-            done += PROGRAMS
-            _grid_barrier(counter_ptr, done)
-        _tma_product(d3, layer * N3, x_ptr, out_ptr + 24576, N3, K3, PROGRAMS, BN, BK, STAGES)
+        done = _tma_stage(d0, layer * N0, x_ptr, out_ptr, counter_ptr, done, N0, K0, PROGRAMS, BARRIERS, BN, BK,
+                          STAGES)
+        done = _tma_stage(d1, layer * N1, x_ptr, out_ptr + 8192, counter_ptr, done, N1, K1, PROGRAMS, BARRIERS, BN,
+                          BK, STAGES)
+        done = _tma_stage(d2, layer * N2, x_ptr, out_ptr + 16384, counter_ptr, done, N2, K2, PROGRAMS, BARRIERS, BN,
+                          BK, STAGES)
+        done = _tma_stage(d3, layer * N3, x_ptr, out_ptr + 24576, counter_ptr, done, N3, K3, PROGRAMS, BARRIERS, BN,
+                          BK, STAGES)
+
+
+def _rates() -> tuple[float, float]:
+    """Bytes per second of a 1 GiB device copy (read + write) and of torch's sum reading it."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy = 2 * a.numel() / (gpu_timing.gpu_us(lambda i: b.copy_(a), 1, 8) * 1e-6)
+    values = a.view(torch.bfloat16).normal_()
+    read = a.numel() / (gpu_timing.gpu_us(lambda i: values.sum(dtype=torch.float32), 1, 8) * 1e-6)
+    return copy, read
+
 
 def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    copy_rate = a.numel() * 2 / (gpu_timing.gpu_us(lambda i: b.copy_(a), 1, 8) * 1e-6)
-    del a, b
-    big = torch.empty(2**29, dtype=torch.bfloat16, device="cuda").normal_()
-    read_rate = big.numel() * 2 / (gpu_timing.gpu_us(lambda i: big.sum(dtype=torch.float32), 1, 8) * 1e-6)
-    del big
+    copy_rate, read_rate = _rates()
     print(f"{torch.cuda.get_device_name()}: {sms} SMs, copy {copy_rate / 1e12:.2f} TB/s (read + write), "
           f"torch's sum reads {read_rate / 1e12:.2f} TB/s")
 
@@ -159,7 +168,7 @@ def main() -> None:
     x = torch.randn(INTER, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(32768 + sms, device="cuda", dtype=torch.float32)
     step_bytes = sum(w.numel() * 2 for w in weights)
-    dims = {f"{a}{i}": v for i, (n, k) in enumerate(SHAPES) for a, v in (("N", n), ("K", k))}
+    dims = {f"{dim}{i}": v for i, (n, k) in enumerate(SHAPES) for dim, v in (("N", n), ("K", k))}
     print(f"a step's weights: {step_bytes / 1e9:.3f} GB; floor at half the copy rate (reads only) "
           f"{step_bytes / (copy_rate / 2) * 1e6:.0f} us", flush=True)
     for bn, bk, warps, per_sm in CONFIGS:

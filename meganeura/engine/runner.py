@@ -117,7 +117,7 @@ class ModelRunner:
             self.store.set_parameter(name, read(), reload=read, form=form)
             if form and name in self._lookup_tables:  # a tied head: rows are looked up too
                 self.store.parameters[name].lookups = True
-        self._fused = (self.store.version, self._make_fused_step())  # while the weights hold their codes
+        self._fused_step()  # made now, while the weights hold their codes
         counts = {f: sum(1 for g in forms.values() if g == f) for f in sorted(set(forms.values()))}
         self.weight_form = max(counts, key=counts.get) if counts else "none"
         if len(counts) > 1:
