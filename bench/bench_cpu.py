@@ -40,9 +40,12 @@ import hf_timing  # bench/, beside this script
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT_TOKENS = NEW_TOKENS = 128
-ENGINES = ["meganeura-float32", "meganeura-bfloat16", "meganeura-int8", "meganeura-int4",
+ENGINES = ["meganeura-float32", "meganeura-bfloat16", "meganeura-bf16", "meganeura-f16", "meganeura-int8",
+           "meganeura-int4",
            "transformers-float32", "llama.cpp-F16", "llama.cpp-Q8_0", "llama.cpp-Q4_1"]
-FORMAT = {"bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_1"}  # llama.cpp's peer of each form
+# llama.cpp's peer of each form. bfloat16: the whole model in bf16; bf16, f16: 16-bit weights,
+# float32 activations (f16 loads the F16 file written here, as llama.cpp does: its own precision)
+FORMAT = {"bfloat16": "F16", "bf16": "F16", "f16": "F16", "int8": "Q8_0", "int4": "Q4_1"}
 
 
 def shipped_gguf() -> Path:
@@ -112,8 +115,9 @@ def run_meganeura(form: str, threads: int, gguf_dir: Path, label: str) -> dict:
     t0 = time.perf_counter()
     import meganeura
     dtype = "bfloat16" if form == "bfloat16" else "float32"
-    quantize = form if form in ("int8", "int4") else "none"
-    pipe = meganeura.load("smollm2-135m-instruct", device="cpu", dtype=dtype, quantize=quantize, progress=False)
+    quantize = {"f16": "auto", "bf16": "bf16", "int8": "int8", "int4": "int4"}.get(form, "none")
+    model = str(gguf_dir / "SmolLM2-135M-Instruct.F16.gguf") if form == "f16" else "smollm2-135m-instruct"
+    pipe = meganeura.load(model, device="cpu", dtype=dtype, quantize=quantize, progress=False)
     load = time.perf_counter() - t0
     prompt, long_text = texts(gguf_dir)
     runner, cache = pipe.runner, pipe.runner.cache
@@ -260,7 +264,8 @@ def main() -> None:
     write_texts(work)
     for kind in ("F16", "Q8_0"):
         path = work / f"SmolLM2-135M-Instruct.{kind}.gguf"
-        if f"llama.cpp-{kind}" in engines and not path.exists():
+        wanted = f"llama.cpp-{kind}" in engines or (kind == "F16" and "meganeura-f16" in engines)
+        if wanted and not path.exists():
             write_gguf(kind, path)
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(args.rounds):

@@ -96,14 +96,15 @@ def _check_sizes(spec: ModelSpec, tensors: Mapping, where: str) -> None:
 
 DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("auto", "none", "int8", "int4")
+QUANTIZE = ("auto", "none", "int8", "int4", "f16", "bf16")
+COMPACT = ("int8", "int4", "f16", "bf16")  # the forms asked for by name: CPU only, with torch
 
 
 def compile_options(device: str = "auto", dtype: str = "auto", quantize: str = "auto") -> CompileOptions:
     """Pick the backend: torch when installed (CUDA when present), else the numpy reference.
     A device that is not there is an error now, not a torch error at the first weight.
-    quantize: the text decoder's product weights, kept int8 or int4 on the CPU; "auto" keeps
-    the checkpoint's own precision there (ModelRunner.choose_form)."""
+    quantize: the text decoder's product weights, kept int8, int4, f16 or bf16 on the CPU; "auto"
+    keeps the checkpoint's own precision there (ModelRunner.weight_forms)."""
     if not DEVICES.fullmatch(device):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dtype not in DTYPES:
@@ -115,7 +116,7 @@ def compile_options(device: str = "auto", dtype: str = "auto", quantize: str = "
     except ImportError:
         if device not in ("auto", "cpu"):
             raise ValueError(f"device {device} needs torch: pip install 'meganeura[torch]'") from None
-        if quantize in ("int8", "int4"):
+        if quantize in COMPACT:
             raise ValueError(f"quantize {quantize} needs torch: pip install 'meganeura[torch]'") from None
         return CompileOptions(backend="numpy", quantize="none")
     if device == "auto":
@@ -126,7 +127,7 @@ def compile_options(device: str = "auto", dtype: str = "auto", quantize: str = "
         raise ValueError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if quantize in ("int8", "int4") and device.startswith("cuda"):
+    if quantize in COMPACT and device.startswith("cuda"):
         raise ValueError(f"quantize {quantize}: compact weights run on the CPU only (device {device})")
     return CompileOptions(backend="torch", device=device, dtype=dtype, quantize=quantize)
 
@@ -460,8 +461,9 @@ def load(model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "
 
     kv_cache_bytes: the KV cache's budget (default: a fifth of free GPU memory, or 2 GiB of
     address space on the CPU, where RAM is taken only by tokens in use).
-    quantize: "int4" or "int8" keeps the text decoder's weights compact on the CPU; "auto"
-    keeps a GGUF's own precision there (a Q4_1 file runs 4-bit); "none": float weights.
+    quantize: "int4", "int8", "f16" or "bf16" keeps the text decoder's weights compact on the CPU
+    (activations stay in `dtype`); "auto" keeps a GGUF's own precision there (a Q4_1 file runs
+    4-bit, an F16 file f16); "none": float weights.
     `pipe.runner.weight_form` says which form was chosen and why.
     prefix_cache: reuse the keys and values of prompt prefixes seen before (system prompts, earlier
     turns, the same image bytes) and cached vision features; False computes every prompt afresh."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import meganeura
+from meganeura.backends import cpu_fused
 from meganeura.backends.cpu_weights import bf16_products
 from tiny_models import rel_err, write_tiny_smolvlm_folder
 
@@ -86,7 +87,12 @@ def test_a_bfloat16_checkpoint_runs_in_bfloat16_on_the_cpu_by_default(tmp_path):
     asked = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="bfloat16")
     messages = _messages(12)
     assert auto.generate(messages, max_new_tokens=8).token_ids == asked.generate(messages, max_new_tokens=8).token_ids
-    assert meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="float32").runner.weight_form == "none"
+    # float32 activations keep the weights as stored (bf16) where the compiled step reads them
+    f32 = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="float32").runner
+    assert f32.weight_form == ("bf16" if cpu_fused.library() else "none") and f32.options.dtype == "float32"
+    assert (f32._fused_step() is not None) == bool(cpu_fused.library())
+    plain = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="float32", quantize="none")
+    assert plain.runner.weight_form == "none"
 
 
 def test_a_cpu_without_bf16_products_keeps_float32_and_plain_weights(tmp_path, monkeypatch):
@@ -96,7 +102,10 @@ def test_a_cpu_without_bf16_products_keeps_float32_and_plain_weights(tmp_path, m
     monkeypatch.setattr(cpu_weights, "bf16_products", lambda: False)
     write_tiny_smolvlm_folder(tmp_path).to(torch.bfloat16).save_pretrained(tmp_path)
     auto = meganeura.load(str(tmp_path), device="cpu", progress=False)
-    assert auto.runner.options.dtype == "float32" and auto.runner.weight_form == "none"
+    # float32, the weights kept bf16 where the compiled step reads them (widened in its products)
+    assert auto.runner.options.dtype == "float32"
+    assert auto.runner.weight_form == ("bf16" if cpu_fused.library() else "none")
+    assert len(auto.generate(_messages(12), max_new_tokens=4, ignore_eos=True).token_ids) == 4
     asked = meganeura.load(str(tmp_path), device="cpu", progress=False, dtype="bfloat16")
     assert asked.runner.weight_form == "none" and not asked.runner.store.forms
     assert len(asked.generate(_messages(12), max_new_tokens=4, ignore_eos=True).token_ids) == 4
@@ -111,6 +120,25 @@ def test_float_checkpoint_keeps_float_weights_by_default(folder):
 def test_bad_quantize_settings_are_clear_errors(folder):
     with pytest.raises(ValueError, match="quantize must be one of"):
         meganeura.load(str(folder), device="cpu", progress=False, quantize="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            meganeura.load(str(folder), device="cuda", progress=False, quantize="f16")
+
+
+@pytest.mark.parametrize("form", ["f16", "bf16"])
+def test_16bit_weights_with_float32_activations(folder, form):
+    """quantize f16/bf16: the text decoder's products read 16-bit weights, everything else float32;
+    against a float32 model of the same values (the vision tower stays float32)."""
+    pipe = meganeura.load(str(folder), device="cpu", progress=False, quantize=form)
+    reference = meganeura.load(str(folder), device="cpu", progress=False, quantize="none")
+    assert pipe.runner.weight_form == form and pipe.runner.options.dtype == "float32"
+    store = pipe.runner.store
+    for name in store.forms:
+        reference.runner.store.set_parameter(name, store._upload(name, store.sources[name]()).effective().numpy())
+    messages = _messages(40)
+    ours, ref = pipe.logits(messages), reference.logits(messages)
+    # f16: float32 inputs times exact weights; bf16: prefills round the products' inputs to bf16
+    assert rel_err(ours, ref) < (1e-5 if form == "f16" else 1e-2)
 
 
 # ---- the real SmolLM2-135M-Instruct Q4_1 GGUF ------------------------------------------------

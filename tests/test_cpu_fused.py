@@ -1,7 +1,8 @@
 """The compiled CPU decode step (backends/cpu_fused.py) against the layered torch path it
-replaces and a float32 model of the same weights: a tiny Llama in int4 (tied head) and int8,
-three sequences over paged caches; each row's logits do not depend on the batch; the real
-SmolLM2 Q4_1 file gives the same greedy answers with the step on and off."""
+replaces and a float32 model of the same weights: a tiny Llama in int4 (tied head), int8, bf16
+and f16, three sequences over paged caches; each row's logits do not depend on the batch;
+prefills multiply by the step's weights in place (no packed copy); the real SmolLM2 Q4_1 file
+gives the same greedy answers with the step on and off."""
 
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 import meganeura
 from meganeura.backends import cpu_fused
+from meganeura.backends.cpu_weights import CompactWeight
 from meganeura.engine.runner import ModelRunner
 from meganeura.session import CompileOptions
 from tiny_models import llama_spec, rel_err, state_dict, tiny_llama
@@ -117,7 +119,7 @@ def _decode(rt, prompts, steps: int) -> list[np.ndarray]:
             for i in range(steps)]
 
 
-@pytest.mark.parametrize("quantize,tie", [("int4", True), ("int8", False)])
+@pytest.mark.parametrize("quantize,tie", [("int4", True), ("int8", False), ("bf16", False), ("f16", True)])
 def test_fused_step_matches_layered_step_and_float_model(quantize, tie, monkeypatch):
     model = tiny_llama(tie=tie)
     fused = _runner(model, quantize)
@@ -133,10 +135,29 @@ def test_fused_step_matches_layered_step_and_float_model(quantize, tie, monkeypa
     prompts = [rng.integers(0, 300, n) for n in (11, 23, 46)]  # 1, 2 and 3 pages of 16 tokens
     ours, theirs, ref = (_decode(rt, prompts, 6) for rt in (fused, layered, reference))
     for a, b, r in zip(ours, theirs, ref):
+        if quantize == "f16":  # float32 inputs times exact weights, in prefills and steps alike
+            assert rel_err(a, r) < 1e-5 and rel_err(b, r) < 1e-5
+            continue
         # both round product inputs to bf16 (ours then holds them as 16-bit integers per group)
-        # and 4-bit outputs to bf16; int8's layered product rounds two halves to bf16 apiece
+        # and 4-bit outputs to bf16; int8's layered product rounds two halves to bf16 apiece;
+        # bf16: the prefills' products round their inputs to bf16, the steps' do not
         assert rel_err(a, r) < 1e-2 and rel_err(a, b) < 1e-2
         assert rel_err(a, r) < 2 * rel_err(b, r) + 1e-3
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8", "bf16", "f16"])
+def test_prefills_multiply_by_the_steps_weights_in_place(quantize):
+    """The step reads the forms' own numbers; prefills' products go through the same weights
+    (merged q|k|v and gate|up included), so torch never packs a second copy of them."""
+    rt = _runner(tiny_llama(), quantize)
+    step = rt._fused_step()
+    rt.prefill(np.arange(1, 30), rt.cache.take(40))
+    merged = [c for c in rt.store.constants.values() if isinstance(c, CompactWeight)]
+    weights = merged + [w for w in rt.store.parameters.values() if isinstance(w, CompactWeight)]
+    assert len(merged) == 2 * 2 and step is rt._fused_step()  # q|k|v, gate|up in each of 2 layers
+    for w in weights:
+        assert w.shared_product is not None and getattr(w, "_packed", None) is None
+        assert getattr(w, "codes", getattr(w, "values", None)) is not None
 
 
 def test_each_rows_logits_do_not_depend_on_the_batch():

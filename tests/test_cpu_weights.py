@@ -7,13 +7,13 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from meganeura.backends.cpu_weights import (Int4Weight, Int8Weight, bf16_products, concat_rows, from_gguf_blocks,
-                                             make_weight)
+from meganeura.backends.cpu_weights import (Bf16Weight, F16Weight, Int4Weight, Int8Weight, bf16_products, concat_rows,
+                                             from_gguf_blocks, make_weight)
 
 SHAPES = [(64, 96), (300, 64), (192, 576)]  # 300 rows: int4pack's multiple of 16 is padded
 # bf16: packed for oneDNN's bf16 products, on CPUs that have them (this project's CI machine does)
-FORMS = ["int4", "int8", pytest.param("bf16", marks=pytest.mark.skipif(not bf16_products(),
-                                                                        reason="no bf16 products on this CPU"))]
+FORMS = ["int4", "int8", "f16", pytest.param("bf16", marks=pytest.mark.skipif(not bf16_products(),
+                                                                               reason="no bf16 products on this CPU"))]
 
 
 def _weight(shape, seed=0):
@@ -74,6 +74,16 @@ def test_gguf_4bit_blocks_are_read_exactly(kind):
     assert (out - _reference(x, effective)).abs().max() <= 2**-8 * out.abs().max() + 1e-5
 
 
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_gguf_16bit_tensors_are_read_exactly(kind):
+    w = _weight((64, 96)).numpy()
+    blocks = quantize(w, GGMLQuantizationType[kind]) if kind == "BF16" else w.astype(np.float16)
+    exact = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).reshape(64, 96))
+    weight = from_gguf_blocks(kind, blocks.view(np.uint8).reshape(64, -1), (64, 96), kind.lower())
+    assert isinstance(weight, F16Weight if kind == "F16" else Bf16Weight)
+    assert torch.equal(weight.effective(), exact) and weight.values.data_ptr() != blocks.ctypes.data  # a copy
+
+
 def test_gguf_q8_0_blocks_are_read_exactly():
     w = _weight((64, 128)).numpy()
     blocks = quantize(w, GGMLQuantizationType.Q8_0)
@@ -93,6 +103,7 @@ def test_gguf_q8_0_blocks_are_read_exactly():
 def test_merged_weights_equal_the_parts(form):
     parts = [make_weight(_weight((n, 64), seed=n), form) for n in (64, 32, 32)]
     merged = concat_rows(parts)
+    assert concat_rows(parts) is merged and concat_rows(parts[:2]) is not merged  # the same parts: the same weight
     x = _rows(64)
     out = merged.product(x, torch.float32)
     assert torch.equal(out, torch.cat([p.product(x, torch.float32) for p in parts], dim=1))

@@ -1,14 +1,18 @@
-/* One CPU decode step of a Llama-style decoder, all layers, in one OpenMP parallel region
- * (meganeura/backends/cpu_fused.py builds and calls it; docs/design.md, "The fused CPU decode
- * step"). A layered step is ~1,500 torch calls, each paying Python, dispatch and an OpenMP
- * region's start; here the threads meet at 5 barriers a layer, and each weight is read once
- * for all the step's rows.
+/* One CPU decode step of a Llama-style decoder, all layers, in one OpenMP parallel region, and
+ * the same products for prefills (meganeura/backends/cpu_fused.py builds and calls them;
+ * docs/design.md, "The fused CPU decode step"). A layered step is ~1,500 torch calls, each
+ * paying Python, dispatch and an OpenMP region's start; here the threads meet at 5 barriers a
+ * layer, and each weight is read once for all the step's rows.
  *
- * Arithmetic follows the layered path (backends/torch_backend.py with cpu_weights.py's forms):
- * activations, norms, RoPE, attention and the KV cache in float32; each product's input rounded
- * to bfloat16 and its group scales and zeros too, as torch's int4 kernel takes them, 4-bit
- * products' outputs rounded to bfloat16. What differs: summation orders, and the inputs held as
- * 16-bit integers per group of 32 (product_input) so that each group's sum is exact. */
+ * Weights: 4-bit and 8-bit codes per group of 32 (GGUF's Q4_x, Q8_0), or 16-bit floats
+ * (bfloat16, float16). Arithmetic follows the layered path (backends/torch_backend.py with
+ * cpu_weights.py's forms): activations, norms, RoPE, attention and the KV cache in float32.
+ * Integer forms: each product's input rounded to bfloat16 and its group scales and zeros too, as
+ * torch's int4 kernel takes them, 4-bit products' outputs rounded to bfloat16; the inputs held
+ * as 16-bit integers per group of 32 (product_input) so that each group's sum is exact.
+ * 16-bit float weights: float32 inputs, each weight widened exactly, sums in float32. What
+ * differs from the layered path: summation orders (and, for bfloat16 weights, inputs not rounded
+ * to bfloat16 as oneDNN's products round them). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -21,10 +25,13 @@
 #define CHUNKS 8   /* a row's attention is split into this many chunks of its pages (any thread count) */
 
 typedef struct {
-    const uint8_t *q;   /* 4 bits: [n, k/2], GGUF's order (byte j of a group: values j, j + 16); 8 bits: int8 [n, k] */
-    /* bf16, [n / 64, k/32, 64] (n padded to 64): 8 bits w = q * scale; 4 bits w = (q - 8) * scale + zero */
+    /* 4 bits: [n, k/2], GGUF's order (byte j of a group: values j, j + 16); 8 bits: int8 [n, k];
+     * 16 bits: bfloat16 or (f16 set) float16 [n, k] */
+    const uint8_t *q;
+    /* integer forms: bf16, [n / 64, k/32, 64] (n padded to 64): 8 bits w = q * scale; 4 bits
+     * w = (q - 8) * scale + zero */
     const uint16_t *scale, *zero;
-    int64_t n, k, bits;
+    int64_t n, k, bits, f16;
 } mg_matrix;
 
 typedef struct {
@@ -41,6 +48,25 @@ typedef struct {
     mg_matrix head;
     const float *final_norm;
 } mg_model;
+
+static inline float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float from_f16(uint16_t h) {   /* exact: every float16 is a float32 */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31, m = h & 0x3ffu;
+    float f;
+    if (e == 31) {   /* infinity, NaN */
+        uint32_t u = sign | 0x7f800000u | (m << 13);
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    f = e ? ldexpf((float)(m | 0x400u), (int)e - 25) : ldexpf((float)m, -24);
+    return sign ? -f : f;
+}
 
 static inline float bf16_round(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
     uint32_t u;
@@ -185,7 +211,18 @@ static void product_input(const float *x, int64_t k, int16_t *xq, float *xscale,
     }
 }
 
-#ifdef __AVX2__
+#if defined(__AVX512BW__)
+/* A group's 32 weights as int16 in one vector: 4 bits (byte j holds values j and j + 16), or 8. */
+static inline __m512i widen(const uint8_t *q, int bits) {
+    if (bits == 4) {   /* the 16 bytes twice, the second copy's high nibbles */
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)));
+        const __m512i by = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
+                                            0x0004000400040004, 0, 0, 0, 0);
+        return _mm512_and_si512(_mm512_srlv_epi16(v, by), _mm512_set1_epi16(15));
+    }
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
+}
+#elif defined(__AVX2__)
 /* One group's integer sums (8 lanes), as floats: lo and hi are the group's 32 weights as int16. */
 static inline __m256 group_sum(__m256i lo, __m256i hi, const int16_t *x) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
@@ -205,13 +242,6 @@ static inline void widen(const uint8_t *q, int bits, __m256i *lo, __m256i *hi) {
 }
 #endif
 
-static inline float from_bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Dot products of one weight row (codes q, `bits` 4 or 8; its group scales at scale[g * 64])
  * with R input rows (R <= 4; row r's integers at xq + r * ldx, its group scales at xscale + r *
  * groups): sum_g scale[g] * xscale[g] * sum_{i in g} q_i xq_i, each group's sum exact in
@@ -221,12 +251,25 @@ static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits
                                                       const int16_t *xq, const float *xscale, int64_t ldx,
                                                       int64_t groups, int R, float *out) {
     const int64_t step = bits * GROUP / 8;   /* bytes a group */
-#ifdef __AVX2__
+#if defined(__AVX512BW__)
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        if ((g & 1) == 0)   /* the codes 4 KiB ahead: ~10% faster than the hardware's prefetch alone */
+            _mm_prefetch((const char *)(q + g * step + 4096), _MM_HINT_T0);
+        const __m512i w = widen(q + g * step, bits);
+        const float s = from_bf16(scale[g * 64]);
+        for (int r = 0; r < R; r++)   /* each lane: two products, < 2^23: exact as a float */
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xq + r * ldx + g * GROUP))),
+                                     _mm512_set1_ps(s * xscale[r * groups + g]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__)
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m256i lo, hi;
-        if ((g & 1) == 0)   /* the codes 4 KiB ahead: ~10% faster than the hardware's prefetch alone */
+        if ((g & 1) == 0)
             _mm_prefetch((const char *)(q + g * step + 4096), _MM_HINT_T0);
         widen(q + g * step, bits, &lo, &hi);
         const float s = from_bf16(scale[g * 64]);
@@ -252,25 +295,85 @@ static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits
 #endif
 }
 
-/* One weight row with R input rows, R and the bits constants after inlining (registers, not memory). */
-static inline __attribute__((always_inline)) void dot_rows(const mg_matrix *w, int64_t row, const int16_t *xq,
-                                                           const float *xscale, int64_t ldx, int R, float *y) {
-    int64_t groups = w->k / GROUP;
-    const uint16_t *scale = w->scale + (row - row % 64) * groups + row % 64;
-    if (w->bits == 4) dot(w->q + row * w->k / 2, 4, scale, xq, xscale, ldx, groups, R, y);
-    else dot(w->q + row * w->k, 8, scale, xq, xscale, ldx, groups, R, y);
+/* 16 or 8 weights of a 16-bit row as floats (exact): bfloat16's bits shifted up, or float16 widened. */
+#if defined(__AVX512F__)
+static inline __m512 widen16(const uint16_t *w, int f16) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)w);
+    return f16 ? _mm512_cvtph_ps(v) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#define LANES 16
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline __m256 widen16(const uint16_t *w, int f16) {
+    __m128i v = _mm_loadu_si128((const __m128i *)w);
+    return f16 ? _mm256_cvtph_ps(v) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+#define LANES 8
+#endif
+
+/* Dot products of one 16-bit float weight row w [k] (bfloat16, or float16 with f16 set) with R
+ * float32 input rows (row r at x + r * ldx): each weight widened exactly, sums in float32. */
+static inline __attribute__((always_inline)) void dot16(const uint16_t *w, int f16, const float *x, int64_t ldx,
+                                                        int64_t k, int R, float *out) {
+    int64_t i = 0;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__AVX512F__)
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (; i + LANES <= k; i += LANES) {
+        if ((i & 31) == 0) _mm_prefetch((const char *)(w + i + 2048), _MM_HINT_T0);
+        const __m512 wv = widen16(w + i, f16);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + i), wv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sum[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__) && defined(__F16C__)
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (; i + LANES <= k; i += LANES) {
+        if ((i & 31) == 0) _mm_prefetch((const char *)(w + i + 2048), _MM_HINT_T0);
+        const __m256 wv = widen16(w + i, f16);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + i), wv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sum[r] = hsum(acc[r]);
+#endif
+    for (int r = 0; r < R; r++) {
+        for (int64_t j = i; j < k; j++) sum[r] += (f16 ? from_f16(w[j]) : from_bf16(w[j])) * x[r * ldx + j];
+        out[r] = sum[r];
+    }
 }
 
-/* A product's inputs for `rows` rows of k values (product_input's forms), rows ldx apart. */
+/* A product's inputs for `rows` rows of k values, in the weight form's kind (prepare). */
 typedef struct {
-    int16_t *q;
+    void *q;   /* int16 per group (integer forms), or the float32 values (16-bit forms) */
     float *scale, *sum;
     int64_t rows, k;
 } mg_input;
 
-static void prepare(mg_input *in, int64_t r, const float *x) {
-    int64_t groups = in->k / GROUP;
-    product_input(x, in->k, in->q + r * in->k, in->scale + r * groups, in->sum + r * groups);
+/* Row r of a product's inputs for weights w: the integer forms' groups (product_input), or x. */
+static void prepare(mg_input *in, const mg_matrix *w, int64_t r, const float *x) {
+    const int64_t k = in->k, groups = k / GROUP;
+    if (w->bits == 16) {
+        memcpy((float *)in->q + r * k, x, k * sizeof(float));
+    } else {
+        product_input(x, k, (int16_t *)in->q + r * k, in->scale + r * groups, in->sum + r * groups);
+    }
+}
+
+/* One weight row with R input rows (from row r0 of in), R and the form constants after
+ * inlining (registers, not memory). */
+static inline __attribute__((always_inline)) void dot_rows(const mg_matrix *w, int64_t row, const mg_input *in,
+                                                           int64_t r0, int R, float *y) {
+    const int64_t k = w->k, groups = k / GROUP;
+    if (w->bits == 16) {
+        const uint16_t *wr = (const uint16_t *)w->q + row * k;
+        if (w->f16) dot16(wr, 1, (const float *)in->q + r0 * k, k, k, R, y);
+        else dot16(wr, 0, (const float *)in->q + r0 * k, k, k, R, y);
+        return;
+    }
+    const uint16_t *scale = w->scale + (row - row % 64) * groups + row % 64;
+    const int16_t *xq = (const int16_t *)in->q + r0 * k;
+    const float *xs = in->scale + r0 * groups;
+    if (w->bits == 4) dot(w->q + row * k / 2, 4, scale, xq, xs, k, groups, R, y);
+    else dot(w->q + row * k, 8, scale, xq, xs, k, groups, R, y);
 }
 
 /* Weight rows n0..n0+count-1 (a block of 64) of one input row: y (their dot products) plus, for
@@ -278,9 +381,9 @@ static void prepare(mg_input *in, int64_t r, const float *x) {
  * bf16 as torch's int4 kernel's output; into out, or added to it. */
 static void finish(const mg_matrix *w, int64_t n0, int64_t count, const float *xsum, float *y, float *out, int add) {
     const int64_t groups = w->k / GROUP;
-    const uint16_t *scale = w->scale + n0 * groups, *zero = w->zero + n0 * groups;
     int64_t i = 0;
     if (w->bits == 4) {
+        const uint16_t *scale = w->scale + n0 * groups, *zero = w->zero + n0 * groups;
 #ifdef __AVX2__
         for (; i + 8 <= count; i += 8) {
             __m256 z = _mm256_setzero_ps();
@@ -316,15 +419,13 @@ static void product(const mg_matrix *w, const mg_input *in, float *out, int64_t 
         const int64_t count = w->n - n0 < 64 ? w->n - n0 : 64;
         for (int64_t r0 = 0; r0 < rows; r0 += 4) {
             const int R = rows - r0 >= 4 ? 4 : (int)(rows - r0);
-            const int16_t *xq = in->q + r0 * w->k;
-            const float *xs = in->scale + r0 * groups;
             float y[4][64], d[4];
             for (int64_t n = n0; n < n0 + count; n++) {
                 switch (R) {
-                case 4: dot_rows(w, n, xq, xs, w->k, 4, d); break;
-                case 3: dot_rows(w, n, xq, xs, w->k, 3, d); break;
-                case 2: dot_rows(w, n, xq, xs, w->k, 2, d); break;
-                default: dot_rows(w, n, xq, xs, w->k, 1, d);
+                case 4: dot_rows(w, n, in, r0, 4, d); break;
+                case 3: dot_rows(w, n, in, r0, 3, d); break;
+                case 2: dot_rows(w, n, in, r0, 2, d); break;
+                default: dot_rows(w, n, in, r0, 1, d);
                 }
                 for (int r = 0; r < R; r++) y[r][n - n0] = d[r];
             }
@@ -420,7 +521,7 @@ static void normed_product(const mg_model *m, const mg_matrix *w, const float *x
                            float *xn, float *out, int64_t ldo) {
     for (int64_t r = 0; r < in->rows; r++) {
         rms_norm(x + r * m->hidden, norm, m->hidden, m->eps, xn);
-        prepare(in, r, xn);
+        prepare(in, w, r, xn);
     }
     product(w, in, out, ldo, 0);
 }
@@ -433,7 +534,7 @@ int64_t mg_shared_floats(const mg_model *m, int64_t rows) {
 }
 
 int64_t mg_work_floats(const mg_model *m, int64_t rows, int64_t max_tokens) {
-    return kmax(m) + rows * (kmax(m) / 2 + 2 * kmax(m) / GROUP) + (m->heads + m->kv_heads) * m->head_dim
+    return kmax(m) + rows * (kmax(m) + 2 * kmax(m) / GROUP) + (m->heads + m->kv_heads) * m->head_dim
            + m->heads * max_tokens;
 }
 
@@ -455,7 +556,7 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
         /* each thread makes every product's inputs itself: no barrier before the products */
         float *xn = work + omp_get_thread_num() * mg_work_floats(m, rows, max_tokens);
         float *xscale = xn + K, *xsum = xscale + rows * (K / GROUP), *buf = xsum + rows * (K / GROUP);
-        int16_t *xq = (int16_t *)(buf + (m->heads + m->kv_heads) * d + m->heads * max_tokens);
+        void *xq = buf + (m->heads + m->kv_heads) * d + m->heads * max_tokens;   /* rows * K floats */
         mg_input by_hidden = {xq, xscale, xsum, rows, hidden}, by_inter = {xq, xscale, xsum, rows, inter};
         for (int64_t l = 0; l < m->layers; l++) {
             const mg_layer *L = m->layer + l;
@@ -469,7 +570,7 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
             }   /* (the loop's barrier) */
             for (int64_t r = 0; r < rows; r++) {
                 merge(parts + r * part_n, m->heads, d, xn);
-                prepare(&by_hidden, r, xn);
+                prepare(&by_hidden, &L->o, r, xn);
             }
             product(&L->o, &by_hidden, x, hidden, 1);
             #pragma omp barrier
@@ -478,11 +579,27 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
             for (int64_t r = 0; r < rows; r++) {
                 const float *g = gu + r * 2 * inter, *u = g + inter;
                 swiglu(g, u, inter, xn);
-                prepare(&by_inter, r, xn);
+                prepare(&by_inter, &L->down, r, xn);
             }
             product(&L->down, &by_inter, x, hidden, 1);
             #pragma omp barrier
         }
         normed_product(m, &m->head, x, m->final_norm, &by_hidden, xn, logits, m->head.n);
+    }
+}
+
+/* Scratch for mg_product, in floats. */
+int64_t mg_product_floats(const mg_matrix *w, int64_t rows) { return rows * (w->k + 2 * (w->k / GROUP)); }
+
+/* out[rows, n] = x[rows, k] @ w.T (out += with `add`), the decode step's arithmetic for a
+ * prefill's rows: the team makes the rows' inputs, then splits the weight's rows. */
+void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, int add, float *work, int threads) {
+    const int64_t k = w->k, groups = k / GROUP;
+    mg_input in = {work, work + rows * k, work + rows * k + rows * groups, rows, k};
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) prepare(&in, w, r, x + r * k);
+        product(w, &in, out, w->n, add);
     }
 }

@@ -3,16 +3,18 @@
 A layered one-row decode step with 4-bit weights is ~1,500 torch calls, each paying Python,
 dispatch and an OpenMP region's start, and torch's int4 kernel alone took longer than llama.cpp's
 whole token on an AVX2 CPU (docs/perf.md). Here the step is one call into C: its own products
-over the weights' 4-bit and 8-bit codes, and RMSNorm, RoPE, the paged cache write, attention and
-SwiGLU in loops between them, the threads meeting at 5 barriers a layer (docs/design.md, "The
-fused CPU decode step").
+over the weights' 4-bit and 8-bit codes or 16-bit floats, and RMSNorm, RoPE, the paged cache
+write, attention and SwiGLU in loops between them, the threads meeting at 5 barriers a layer
+(docs/design.md, "The fused CPU decode step"). Prefills multiply by the weights it reads in place
+(`CompactWeight.shared_product`: the integer forms through the same C products), so torch never
+packs a second copy of them.
 
 The C source is compiled once per machine with the system's C compiler (`cc -O3
 -march=native -fopenmp`, ~1 s) into the user's cache directory; a later start only loads it.
 Without a compiler, when compiling fails, or with MEGANEURA_CPU_FUSED=0, `fused_step` gives
 None and the layered path runs. It applies to decode steps (any row count) of a Llama-style text
-decoder on the CPU in float32 whose product weights are all int4 or int8 (`cpu_weights.py`); it
-keeps its own copy of the codes beside torch's packed weights, which prefills use.
+decoder on the CPU in float32 whose product weights are all int4, int8, bf16 or f16
+(`cpu_weights.py`).
 """
 
 from __future__ import annotations
@@ -32,16 +34,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cpu_weights import Int4Weight, Int8Weight
+from .cpu_weights import Bf16Weight, F16Weight, Int4Weight, Int8Weight, concat_rows
 from .torch_backend import rope_tables
 
 SOURCE = Path(__file__).with_name("cpu_fused.c")
+FORMS = ("int4", "int8", "bf16", "f16")  # the weight forms the step reads
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 
 
 class _Matrix(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64), ("f16", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -93,9 +96,12 @@ def library() -> ctypes.CDLL | None:
     model, i64, ptr = ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p
     lib.mg_decode.restype = None
     lib.mg_decode.argtypes = [model, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.mg_shared_floats.restype = lib.mg_work_floats.restype = i64
+    lib.mg_shared_floats.restype = lib.mg_work_floats.restype = lib.mg_product_floats.restype = i64
     lib.mg_shared_floats.argtypes = [model, i64]
     lib.mg_work_floats.argtypes = [model, i64, i64]
+    lib.mg_product.restype = None
+    lib.mg_product.argtypes = [ctypes.POINTER(_Matrix), i64, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
+    lib.mg_product_floats.argtypes = [ctypes.POINTER(_Matrix), i64]
     return lib
 
 
@@ -127,27 +133,41 @@ def _blocks(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 64, t.shape[1]).transpose(1, 2).contiguous()
 
 
-def _matrix(parts: list, keep: list) -> _Matrix | None:
-    """Weights of one form stacked along N, in the C step's form: the codes (shared with the
-    parts, which hold views of them until torch packs them), scales and zeros rounded to bf16
-    as torch's int4 kernel takes them; None for other forms. The tensors made are appended to
-    `keep` (the C side holds only their addresses)."""
-    field = "codes" if all(isinstance(p, Int4Weight) for p in parts) else "values"
-    if not all(isinstance(p, Int4Weight if field == "codes" else Int8Weight) and getattr(p, field) is not None
-               for p in parts):
+def _matrix(w, keep: list) -> _Matrix | None:
+    """A weight in the C step's form, or None for forms it does not read: the codes or 16-bit
+    values themselves (shared), integer forms' scales and zeros rounded to bf16 as torch's int4
+    kernel takes them. The tensors made are appended to `keep` (C holds only their addresses)."""
+    if isinstance(w, (Bf16Weight, F16Weight)) and w.values is not None:
+        keep.append(w.values)
+        return _Matrix(w.values.data_ptr(), None, None, w.shape[0], w.shape[1], 16, int(isinstance(w, F16Weight)))
+    codes = w.codes if isinstance(w, Int4Weight) else w.values if isinstance(w, Int8Weight) else None
+    if codes is None or not codes.is_contiguous():
         return None
-    codes = getattr(parts[0], field) if len(parts) == 1 else torch.cat([getattr(p, field) for p in parts])
-    codes, start = codes.contiguous(), 0
-    for p in parts:
-        setattr(p, field, codes[start:start + p.shape[0]])
-        start += p.shape[0]
-    d = torch.cat([p.scales for p in parts])
-    scale, zero = _blocks(d), None
-    if field == "codes":  # (q - 8) * bf16(d) + bf16(m + 8d), as torch's int4 kernel
-        zero = _blocks(torch.cat([p.mins for p in parts]) + 8 * d)
+    scale, zero = _blocks(w.scales), None
+    if isinstance(w, Int4Weight):  # (q - 8) * bf16(d) + bf16(m + 8d), as torch's int4 kernel
+        zero = _blocks(w.mins + 8 * w.scales)
     keep += [codes, scale, zero]
-    return _Matrix(codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), codes.shape[0],
-                   parts[0].shape[1], 4 if field == "codes" else 8)
+    return _Matrix(codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), w.shape[0],
+                   w.shape[1], 4 if zero is not None else 8, 0)
+
+
+class _Product:
+    """x -> float32 x @ w.T through the compiled product: an integer weight's `shared_product`
+    once the step reads it (prefills then use the decode step's arithmetic)."""
+
+    def __init__(self, lib, matrix: _Matrix, keep: list) -> None:
+        self.lib, self.matrix, self.keep = lib, matrix, keep  # keep: the tensors matrix points into
+        self._work = _floats(0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device="cpu", dtype=torch.float32).contiguous()
+        rows, m = len(x), ctypes.byref(self.matrix)
+        need = self.lib.mg_product_floats(m, rows)
+        if self._work.numel() < need:
+            self._work = _floats(need)
+        out = _floats(rows, self.matrix.n)
+        self.lib.mg_product(m, rows, x.data_ptr(), out.data_ptr(), 0, self._work.data_ptr(), torch.get_num_threads())
+        return out
 
 
 ROLES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
@@ -168,17 +188,23 @@ class FusedStep:
         norm = {n: store.parameter(n).float().contiguous() for n in names_of_norms + [names.model + "norm.weight"]}
         self._keep: list = list(norm.values())
         self.layers = (_Layer * cfg.num_hidden_layers)()
+        bound = []
         for i in range(cfg.num_hidden_layers):
             p = names.layer(i)
-            mats = {role: _matrix([weights(p + part + ".weight") for part in parts], self._keep)
-                    for role, parts in ROLES.items()}
+            merged = {role: concat_rows([weights(p + part + ".weight") for part in parts]) if len(parts) > 1
+                      else weights(p + parts[0] + ".weight") for role, parts in ROLES.items()}
+            mats = {role: _matrix(w, self._keep) for role, w in merged.items()}
             if None in mats.values():
                 raise ValueError("a product weight is not in a form the fused step reads")
+            bound += [(merged[role], mats[role]) for role in ROLES]
             self.layers[i] = _Layer(**mats, attn_norm=norm[p + "input_layernorm.weight"].data_ptr(),
                                     mlp_norm=norm[p + "post_attention_layernorm.weight"].data_ptr())
-        head = _matrix([weights(runner._product_weights[1])], self._keep)
+        head_weight = weights(runner._product_weights[1])
+        head = _matrix(head_weight, self._keep)
         if head is None:
             raise ValueError("the lm_head is not in a form the fused step reads")
+        for w, matrix in bound + [(head_weight, head)]:  # never packed: the step reads their numbers
+            w.shared_product = w.unpacked_product if matrix.bits == 16 else _Product(lib, matrix, self._keep)
         self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                             cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
                             norm[names.model + "norm.weight"].data_ptr())
@@ -230,7 +256,7 @@ def _floats(*shape: int) -> torch.Tensor:
 
 def fused_step(runner) -> FusedStep | None:
     """The runner's fused decode step, or None where it does not apply: not the torch CPU
-    backend in float32, a product weight (the lm_head included) neither int4 nor int8, or no
+    backend in float32, a product weight (the lm_head included) not int4, int8, bf16 or f16, or no
     compiled library. Cheapest right after loading, while the store's weights hold their codes
     (the step shares them); later, weights already packed for torch are read again from their
     sources."""
@@ -238,7 +264,7 @@ def fused_step(runner) -> FusedStep | None:
     if not (enabled() and o.backend == "torch" and o.device == "cpu" and o.dtype == "float32"):
         return None
     product_weights, _ = runner._product_weights
-    if not product_weights or any(store.forms.get(n) not in ("int4", "int8") for n in product_weights):
+    if not product_weights or any(store.forms.get(n) not in FORMS for n in product_weights):
         return None
     lib = library()
     if lib is None:
@@ -246,7 +272,7 @@ def fused_step(runner) -> FusedStep | None:
 
     def weight(name: str):
         w = store.parameters.get(name)
-        if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:
+        if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:  # not dropped by packing
             return w
         return store.backend.weight(store.sources[name](), store.forms[name])
 

@@ -1,4 +1,4 @@
-"""Weights kept compact on the CPU (4-bit and 8-bit) and the products that read them.
+"""Weights kept compact on the CPU (4-bit, 8-bit and 16-bit) and the products that read them.
 
 A decode step reads every weight once, so on the CPU its time is the weights' bytes over the
 memory bandwidth: 4-bit weights are an eighth of float32's. The forms:
@@ -9,14 +9,21 @@ memory bandwidth: 4-bit weights are an eighth of float32's. The forms:
   zero = m + 8d.
 * `Int8Weight`: w[n, k] = d[n, g] * q[n, k], q in -128..127: GGUF's Q8_0 exactly. Products
   run the int4 kernel twice, on q's high and low nibbles.
-* `Bf16Weight`: a bfloat16 weight (`dtype="bfloat16"`) packed once for oneDNN's products (AMX
-  or AVX-512 bf16 tiles): 1.5-2x torch's plain bf16 matmul at one row, 1.3x at 128 rows, each
-  row's bits the same whatever the batch (measured: docs/perf.md).
+* `Bf16Weight`: a bfloat16 weight (`dtype="bfloat16"`, or `quantize="bf16"`) packed once for
+  oneDNN's products (AMX or AVX-512 bf16 tiles): 1.5-2x torch's plain bf16 matmul at one row,
+  1.3x at 128 rows, each row's bits the same whatever the batch (measured: docs/perf.md).
+* `F16Weight`: a float16 weight (`quantize="f16"`; a GGUF file's F16 tensors): 11 significant
+  bits where bfloat16 keeps 8, the quality of llama.cpp's F16 files.
 
-The kernel is fast only with bfloat16 activations (measured: 10-60x slower in float32 or
-float16), so a product rounds its rows to bfloat16, the kernel accumulates in float32 and rounds
-its output to bfloat16; scale and zero are bfloat16 there too. Lookups (an embedding table that
-is also the tied lm_head) dequantize rows exactly, in float32.
+torch's int4 kernel is fast only with bfloat16 activations (measured: 10-60x slower in float32
+or float16), so a product rounds its rows to bfloat16, the kernel accumulates in float32 and
+rounds its output to bfloat16; scale and zero are bfloat16 there too. Lookups (an embedding
+table that is also the tied lm_head) dequantize rows exactly, in float32.
+
+The compiled CPU decode step (cpu_fused.py) reads the forms' own numbers. The weights it reads
+get a `shared_product` that leaves them in place, so torch never packs a second copy: for the
+integer forms the step's own C product (prefills then multiply as decode steps do), for the
+16-bit forms torch's product over the same values.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 GROUP = 32        # values per scale (GGUF's block size; int4pack's group size)
 _PACK_ROWS = 16   # int4pack needs a multiple of 16 output rows: pad with zero rows
 _PACK_CHUNK = 4096  # rows packed at a time (a multiple of int4pack's 64-row blocks)
-_FORMS = ("int8", "int4", "bf16")
+_FORMS = ("int8", "int4", "bf16", "f16")
 # GGUF block layouts read here directly: bytes per block of 32 values
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
@@ -40,9 +47,15 @@ class CompactWeight:
 
     shape: tuple[int, int]
     lookups = False
+    shared_product = None  # x -> x @ w.T over the numbers in place, once the compiled step reads them
+    merged = None  # (parts, their concat_rows): parts already merged give that same weight
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x @ w.T, in out_dtype or else the kernel's own (no extra cast)."""
+        out = self.shared_product(x) if self.shared_product is not None else self._torch_product(x)
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -107,9 +120,8 @@ class Int4Weight(CompactWeight):
                 self.codes = self.scales = self.mins = None
         return self._packed
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = _int4_product(x, self.packed(), self.shape[0])  # bfloat16
-        return out if out_dtype is None else out.to(out_dtype)
+    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+        return _int4_product(x, self.packed(), self.shape[0])  # bfloat16
 
     def effective(self) -> torch.Tensor:
         """The float32 weight the product multiplies by: scale and zero rounded to bf16, as
@@ -145,15 +157,20 @@ class Int8Weight(CompactWeight):
                 self.values = self.scales = None
         return self._packed
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
         high, low = self.packed()
         n = self.shape[0]
-        out = _int4_product(x, high, n).float() + _int4_product(x, low, n).float()
-        return out if out_dtype is None else out.to(out_dtype)
+        return _int4_product(x, high, n).float() + _int4_product(x, low, n).float()
 
     def effective(self) -> torch.Tensor:
         scale = _per_group(self.scales.to(torch.bfloat16).float())
         return self.values.float() * scale
+
+
+def _widened_product(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x @ values.T in float32, the 16-bit values widened (exactly) a block of rows at a time."""
+    x = x.float()
+    return torch.cat([x @ values[i:i + _PACK_CHUNK].float().T for i in range(0, len(values), _PACK_CHUNK)], dim=1)
 
 
 class Bf16Weight(CompactWeight):
@@ -176,9 +193,41 @@ class Bf16Weight(CompactWeight):
                 self.values = None
         return self._packed
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed(), None, "none", [], "")
-        return out if out_dtype is None else out.to(out_dtype)
+    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed(), None, "none", [], "")
+
+    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN's product over the values as they are (~1.3x slower than packed at 128 rows);
+        on a CPU without bf16 products, float32 products of the widened values."""
+        if bf16_products():
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.values)
+        return _widened_product(x, self.values)
+
+    def effective(self) -> torch.Tensor:
+        return self.values.float()
+
+
+class F16Weight(CompactWeight):
+    """values float16 [N, K]. Products widen the weight to float32 (exact) a block of rows at a
+    time: at 128 rows as fast as oneDNN's float16 product here (docs/perf.md); one-row decode
+    steps are the compiled step's (without it, correct but slow)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values.to(torch.float16).contiguous()
+        self.shape = tuple(values.shape)
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        return self.values[ids].float()
+
+    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """All rows at once (a prefill's: fast; a row's bits may depend on the row count)."""
+        return _widened_product(x, self.values)
+
+    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Two rows at a time (a lone row doubled): torch's float32 product takes another kernel
+        for one row than for several, so pairs give each row the same bits whatever the batch."""
+        pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].repeat(2, 1) for i in range(0, len(x), 2)]
+        return torch.cat([self.unpacked_product(p) for p in pairs])[:len(x)]
 
     def effective(self) -> torch.Tensor:
         return self.values.float()
@@ -234,8 +283,11 @@ def _f16(blocks: np.ndarray, at: int) -> torch.Tensor:
 
 def from_gguf_blocks(kind: str, data: np.ndarray, shape: tuple[int, int], form: str) -> CompactWeight:
     """A form read straight from GGUF blocks (uint8 [rows, bytes]), exactly: Q4_0/Q4_1 as
-    int4, Q8_0 as int8; no float32 copy of the whole weight."""
+    int4, Q8_0 as int8, F16 as f16, BF16 as bf16; no float32 copy of the whole weight."""
     n, k = shape
+    if (kind, form) in (("F16", "f16"), ("BF16", "bf16")):
+        values = torch.from_numpy(np.array(data, copy=True).view(np.int16).reshape(n, k))  # not the mapped file
+        return F16Weight(values.view(torch.float16)) if form == "f16" else Bf16Weight(values.view(torch.bfloat16))
     blocks = data.reshape(n, k // GROUP, _BLOCK_BYTES[kind])
     if form == "int4" and kind in ("Q4_0", "Q4_1"):
         d = _f16(blocks, 0)
@@ -251,11 +303,11 @@ def from_gguf_blocks(kind: str, data: np.ndarray, shape: tuple[int, int], form: 
 
 def fits(form: str, shape: tuple[int, ...]) -> bool:
     """Can a weight of this shape take the form? (2-D; the integer forms: rows of whole groups of 32)"""
-    return len(shape) == 2 and (form == "bf16" or shape[1] % GROUP == 0)
+    return len(shape) == 2 and (form in ("bf16", "f16") or shape[1] % GROUP == 0)
 
 
 def reads_blocks(kind: str | None, form: str) -> bool:
-    return (form, kind) in {("int4", "Q4_0"), ("int4", "Q4_1"), ("int8", "Q8_0")}
+    return (form, kind) in {("int4", "Q4_0"), ("int4", "Q4_1"), ("int8", "Q8_0"), ("f16", "F16"), ("bf16", "BF16")}
 
 
 def make_weight(source, form: str) -> CompactWeight:
@@ -265,16 +317,35 @@ def make_weight(source, form: str) -> CompactWeight:
     if isinstance(source, tuple):
         return from_gguf_blocks(*source, form)
     w = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source, dtype=np.float32))
-    return {"int4": quantize_int4, "int8": quantize_int8, "bf16": Bf16Weight}[form](w)
+    return {"int4": quantize_int4, "int8": quantize_int8, "bf16": Bf16Weight, "f16": F16Weight}[form](w)
+
+
+_NUMBERS = {Int4Weight: ("codes", "scales", "mins"), Int8Weight: ("values", "scales"), Bf16Weight: ("values",),
+            F16Weight: ("values",)}
 
 
 def concat_rows(parts) -> CompactWeight:
-    """Weights of one form stacked along N (a merged q|k|v or gate|up product)."""
+    """Weights of one form stacked along N (a merged q|k|v or gate|up product). The parts then
+    hold views of the merged numbers (one copy in memory), and merging the same parts again
+    gives the same weight (the compiled step and the graphs share it)."""
     first = parts[0]
+    if first.merged is not None and len(first.merged[0]) == len(parts) \
+            and all(a is b for a, b in zip(first.merged[0], parts)):
+        return first.merged[1]
     if not all(type(p) is type(first) for p in parts):
         raise TypeError("cannot merge weights of different forms into one product")
-    if isinstance(first, Int4Weight):
-        return Int4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scales", "mins")))
-    if isinstance(first, Bf16Weight):
-        return Bf16Weight(torch.cat([p.values for p in parts]))
-    return Int8Weight(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]))
+    fields = _NUMBERS[type(first)]
+    if any(getattr(p, f) is None for p in parts for f in fields):  # packed for torch already
+        raise ValueError("cannot merge weights whose numbers were dropped after packing")
+    merged = type(first).__new__(type(first))
+    merged.shape = (sum(p.shape[0] for p in parts), first.shape[1])
+    merged._packed = None
+    for f in fields:
+        whole = torch.cat([getattr(p, f) for p in parts])
+        setattr(merged, f, whole)
+        start = 0
+        for p in parts:
+            setattr(p, f, whole[start:start + p.shape[0]])
+            start += p.shape[0]
+    first.merged = (list(parts), merged)
+    return merged

@@ -68,6 +68,12 @@ def prefill_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+def fused_library_built() -> bool:
+    """Is the compiled CPU decode step here (built now if needed)? 16-bit forms are only fast in it."""
+    from ..backends.cpu_fused import enabled, library
+    return enabled() and library() is not None
+
+
 class ModelRunner:
     def __init__(self, spec: ModelSpec, options: CompileOptions | None = None, cache_bytes: int | None = None,
                  max_seq: int | None = None, max_slots: int = MAX_SLOTS, vision_batch: int = 16) -> None:
@@ -111,7 +117,7 @@ class ModelRunner:
         for name in names:
             form = forms.get(name)
             if form and stored and reads_blocks(stored(name), form):
-                read = lambda name=name: tensors.blocks(name)  # noqa: E731
+                read = lambda name=name: tensors.blocks(name) or tensors[name]  # noqa: E731  (a folder: no blocks)
             else:
                 read = lambda name=name: tensors[name]  # noqa: E731
             self.store.set_parameter(name, read(), reload=read, form=form)
@@ -141,17 +147,19 @@ class ModelRunner:
 
     def weight_forms(self, tensors: Mapping) -> dict[str, str]:
         """name -> compact form of each product weight kept compact. `options.quantize`:
-        "int8" all of them; "int4" all but the lm_head, which stays int8 (as llama.cpp's 4-bit
-        files keep theirs at 6-8 bits: 4-bit logits cost ~10x the KL divergence); "auto", on
-        the torch CPU backend, each tensor's own precision (GGUF Q4_x -> int4, Q5_x..Q8_0 ->
-        int8, float -> none). With dtype bfloat16 on a CPU that multiplies bf16 natively, the
-        weights left float are packed for its bf16 products, whatever `quantize` says ("bf16":
-        a layout, not a rounding beyond the dtype's; dtype float32 keeps torch's own products)."""
+        "int8", "f16" or "bf16" all of them; "int4" all but the lm_head, which stays int8 (as
+        llama.cpp's 4-bit files keep theirs at 6-8 bits: 4-bit logits cost ~10x the KL
+        divergence); "auto", on the torch CPU backend, each tensor's own precision (GGUF Q4_x ->
+        int4, Q5_x..Q8_0 -> int8, F16 -> f16 and BF16 -> bf16 where the compiled decode step
+        reads them, float32 -> none). With dtype bfloat16 on a CPU that multiplies bf16
+        natively, the weights left float are packed for its bf16 products, whatever `quantize`
+        says ("bf16": a layout, not a rounding beyond the dtype's; dtype float32 keeps torch's
+        own products)."""
         asked = self.options.quantize
         weights, head = self._product_weights
-        if asked in ("int8", "int4"):
+        if asked in ("int8", "int4", "f16", "bf16"):
             self.weight_form_reason = "asked for" + ("; the lm_head int8" if asked == "int4" else "")
-            return {n: "int8" if n == head else asked for n in weights}
+            return {n: "int8" if n == head and asked == "int4" else asked for n in weights}
         on_cpu = self.options.backend == "torch" and self.options.device.startswith("cpu")
         forms = {}
         if asked == "none":
@@ -161,9 +169,12 @@ class ModelRunner:
         else:
             stored = getattr(tensors, "stored", None)
             for name in weights:
-                bits = re.match(r"I?Q(\d)", stored(name)) if stored else None
+                kind = stored(name) if stored else None
+                bits = re.match(r"I?Q(\d)", kind or "")
                 if bits:
                     forms[name] = "int4" if int(bits.group(1)) <= 4 else "int8"
+                elif kind in ("F16", "BF16") and self.options.dtype == "float32" and fused_library_built():
+                    forms[name] = kind.lower()
             kinds = sorted({stored(n) for n in weights}) if stored else ["unknown types"]
             self.weight_form_reason = f"auto: the checkpoint's own precision ({', '.join(kinds)})"
         if on_cpu and self.options.dtype == "bfloat16":
@@ -352,7 +363,7 @@ class ModelRunner:
         return fused_step(self)
 
     def _fused_step(self):
-        """The compiled CPU decode step (backends/cpu_fused.py) for int4/int8 weights, made when
+        """The compiled CPU decode step (backends/cpu_fused.py) for compact weights, made when
         the weights are loaded (again if they change); None where it does not apply."""
         if self._fused[0] != self.store.version:
             self._fused = (self.store.version, self._make_fused_step())

@@ -328,8 +328,8 @@ def _tensor_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
 
 
 def _blocks_loader(tensor, shape: tuple[int, ...], n_heads: int | None):
-    """The tensor's quantized blocks, one row of blocks per weight row (permuted back like the
-    values), for a backend that keeps weights quantized."""
+    """The tensor's quantized blocks (or float16 values), one row of them per weight row
+    (permuted back like the values), for a backend that keeps weights compact."""
     def blocks() -> tuple:
         rows = tensor.data.reshape(shape[0], -1)
         if n_heads is not None:
@@ -511,7 +511,9 @@ def load_gguf(path: str | Path) -> Checkpoint:
         elif ".attn_k." in tensor.name:
             n_heads = config["num_key_value_heads"]
         dtype = _PLAIN[qname][0] if qname in _PLAIN and not _PLAIN[qname][1] else np.float32
-        blocks = _blocks_loader(tensor, shape, n_heads) if qname not in _PLAIN and len(shape) == 2 else None
+        # raw rows for compact forms: quantized blocks, and float16 values (kept 16-bit)
+        raw = qname not in _PLAIN or qname == "F16"
+        blocks = _blocks_loader(tensor, shape, n_heads) if raw and len(shape) == 2 else None
         tensors.add(hf_name, shape, dtype, _tensor_loader(tensor, shape, n_heads), stored=qname, blocks=blocks)
 
     tokenizer = None
