@@ -13,7 +13,7 @@ import torch
 
 import meganeura
 from meganeura.backends import cpu_fused
-from meganeura.backends.cpu_weights import CompactWeight
+from meganeura.backends.cpu_weights import CompactWeight, make_weight
 from meganeura.engine.runner import ModelRunner
 from meganeura.session import CompileOptions
 from tiny_models import llama_spec, rel_err, state_dict, tiny_llama
@@ -158,6 +158,23 @@ def test_prefills_multiply_by_the_steps_weights_in_place(quantize):
     for w in weights:
         assert w.shared_product is not None and getattr(w, "_packed", None) is None
         assert getattr(w, "codes", getattr(w, "values", None)) is not None
+
+
+@pytest.mark.parametrize("form", ["int4", "int8", "bf16", "f16"])
+def test_prefill_products_match_float_products_at_every_row_count(form):
+    """`mg_product` (prefills' products: from 16 rows the integer forms take the turned path)
+    against float64 products of the values the form multiplies by."""
+    rng = np.random.default_rng(3)
+    w = make_weight(torch.from_numpy(rng.standard_normal((200, 160)).astype(np.float32) * 0.05), form)
+    keep = []
+    product = cpu_fused._Product(cpu_fused.library(), cpu_fused._matrix(w, keep), keep)
+    for rows in (1, 5, 16, 33):
+        x = torch.from_numpy(rng.standard_normal((rows, 160)).astype(np.float32))
+        # integer forms round their inputs to bf16 (then exact), 4-bit outputs to bf16 too
+        inputs = x.bfloat16().double() if form in ("int4", "int8") else x.double()
+        ref = (inputs @ w.effective().double().T).float()
+        bound = 2**-8 if form == "int4" else 1e-5
+        assert (product(x) - ref).abs().max() <= bound * ref.abs().max()
 
 
 def test_each_rows_logits_do_not_depend_on_the_batch():
