@@ -304,7 +304,7 @@ def main() -> None:
             statistics.median(x["prefill_tok_s"] for x in runs)
         name = engine.replace("-", " ", 1)
         logits_file = work / f"logits-{engine}.npy"
-        kl = f"{kl_from(reference, np.load(logits_file)):.4f}" if reference is not None and logits_file.exists() else ""
+        kl = f"{kl_from(reference, np.load(logits_file)):.6f}" if reference is not None and logits_file.exists() else ""
         answer = runs[-1]["answer"].strip().replace("\n", " ")[:40]
         paris = "Paris" if "Paris" in answer else f"wrong: {answer!r}"
         print(f"| {name} | {cell(runs, 'decode_tok_s', '.1f')} | {cell(runs, 'prefill_tok_s', '.0f')} | "

@@ -28,6 +28,8 @@ integer forms the step's own C product (prefills then multiply as decode steps d
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -48,7 +50,7 @@ class CompactWeight:
     shape: tuple[int, int]
     lookups = False
     shared_product = None  # x -> x @ w.T over the numbers in place, once the compiled step reads them
-    merged = None  # (parts, their concat_rows): parts already merged give that same weight
+    merged = None  # (weak refs to parts, their concat_rows): merging them again gives that same weight
 
     def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x @ w.T, in out_dtype or else the kernel's own (no extra cast)."""
@@ -334,7 +336,7 @@ def concat_rows(parts) -> CompactWeight:
     gives the same weight (the compiled step and the graphs share it)."""
     first = parts[0]
     if first.merged is not None and len(first.merged[0]) == len(parts) \
-            and all(a is b for a, b in zip(first.merged[0], parts)):
+            and all(ref() is p for ref, p in zip(first.merged[0], parts)):
         return first.merged[1]
     if not all(type(p) is type(first) for p in parts):
         raise TypeError("cannot merge weights of different forms into one product")
@@ -351,5 +353,5 @@ def concat_rows(parts) -> CompactWeight:
         for p in parts:
             setattr(p, f, whole[start:start + p.shape[0]])
             start += p.shape[0]
-    first.merged = (list(parts), merged)
+    first.merged = ([weakref.ref(p) for p in parts], merged)  # weak: released parts go at once, no cycle
     return merged
