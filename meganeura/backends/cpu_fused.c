@@ -588,74 +588,121 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
     }
 }
 
+/* A prefill's integer products, TURN input rows at a time. The decode step's dot spends four
+ * vector operations a group and row (products, convert, scale, add): compute-bound at many rows.
+ * Here one vector holds one pair of a group's inputs for TURN rows, so a group's sums for all of
+ * them take its 16 pairs' `vpdpwssd`s (or multiply-adds) with the weight pair broadcast, each
+ * loaded input vector serving 4 weight rows, then one convert and scale. Not for decode steps:
+ * a row's sums would depend on how many rows share a step. */
+#define PAIRS (GROUP / 2)
 #if defined(__AVX512BW__)
+#define TURN 16
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define IZERO _mm512_setzero_si512
+#define FZERO _mm512_setzero_ps
+#define ILOAD(p) _mm512_loadu_si512(p)
+#define FLOAD _mm512_loadu_ps
+#define FSTORE _mm512_storeu_ps
+#define ISET1 _mm512_set1_epi32
+#define FSET1 _mm512_set1_ps
+#define FMUL _mm512_mul_ps
+#define FMADD _mm512_fmadd_ps
+#define TOFLOAT _mm512_cvtepi32_ps
 #ifdef __AVX512VNNI__
 #define DPWSSD(s, a, b) _mm512_dpwssd_epi32(s, a, b)
 #else
 #define DPWSSD(s, a, b) _mm512_add_epi32(s, _mm512_madd_epi16(a, b))
 #endif
+#elif defined(__AVX2__)
+#define TURN 8
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define IZERO _mm256_setzero_si256
+#define FZERO _mm256_setzero_ps
+#define ILOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define FLOAD _mm256_loadu_ps
+#define FSTORE _mm256_storeu_ps
+#define ISET1 _mm256_set1_epi32
+#define FSET1 _mm256_set1_ps
+#define FMUL _mm256_mul_ps
+#define FMADD _mm256_fmadd_ps
+#define TOFLOAT _mm256_cvtepi32_ps
+#ifdef __AVXVNNI__
+#define DPWSSD(s, a, b) _mm256_dpwssd_avx_epi32(s, a, b)
+#else
+#define DPWSSD(s, a, b) _mm256_add_epi32(s, _mm256_madd_epi16(a, b))
+#endif
+#endif
 
-/* A prefill's integer products, 16 input rows at a time. The decode step's dot spends four
- * vector operations a group and row (products, convert, scale, add); here one vector holds one
- * pair of a group's inputs for 16 rows, so a group's sums for all 16 rows take its 16 pairs'
- * `vpdpwssd`s with the weight pair broadcast, then one convert and scale: ~1.3 operations a
- * group and row. Not for decode steps: a row's sums would depend on how many rows share a step. */
+#ifdef TURN
+/* A group's 32 weights as 16 pairs of int16 (k order), into pairs. */
+static inline void weight_pairs(const uint8_t *q, int bits, int32_t *pairs) {
+#if defined(__AVX512BW__)
+    _mm512_storeu_si512(pairs, widen(q, bits));
+#else
+    __m256i lo, hi;
+    widen(q, bits, &lo, &hi);
+    _mm256_storeu_si256((__m256i *)pairs, lo);
+    _mm256_storeu_si256((__m256i *)(pairs + 8), hi);
+#endif
+}
 
-/* Block b's 16 rows of inputs turned: t[(g * 16 + p) * 16 + r] = pair p (two int16) of row r's
- * group g, ts[g * 16 + r] = its group scale; rows past the inputs' are zeros. */
+/* Block b's TURN rows of inputs turned: t[(g * PAIRS + p) * TURN + r] = pair p (two int16) of row
+ * r's group g, ts[g * TURN + r] = its group scale; rows past the inputs' are zeros. */
 static void turn_inputs(const mg_input *in, int64_t b, int32_t *t, float *ts) {
     const int64_t k = in->k, groups = k / GROUP;
     for (int64_t g = 0; g < groups; g++)
-        for (int r = 0; r < 16; r++) {
-            const int64_t row = b * 16 + r;
+        for (int r = 0; r < TURN; r++) {
+            const int64_t row = b * TURN + r;
             const int32_t *pairs = (const int32_t *)((const int16_t *)in->q + row * k + g * GROUP);
-            for (int p = 0; p < 16; p++) t[(g * 16 + p) * 16 + r] = row < in->rows ? pairs[p] : 0;
-            ts[g * 16 + r] = row < in->rows ? in->scale[row * groups + g] : 0.0f;
+            for (int p = 0; p < PAIRS; p++) t[(g * PAIRS + p) * TURN + r] = row < in->rows ? pairs[p] : 0;
+            ts[g * TURN + r] = row < in->rows ? in->scale[row * groups + g] : 0.0f;
         }
 }
 
-/* W weight rows' dot products (rows n..n+W-1, W <= 4) with a turned block of 16 input rows
- * (out[j][r]): each loaded pair of inputs serves the W rows. Each group's sum is exact in int32
- * (< 2^27; converted to float, rounded to 24 bits), then times scale x input scale. */
+/* W weight rows' dot products (rows n..n+W-1, W <= 4) with a turned block of TURN input rows
+ * (out[j][r]). Each group's sum is exact in int32 (< 2^27; converted to float, rounded to 24
+ * bits), then times scale x input scale. */
 static inline __attribute__((always_inline)) void dot_turned(const mg_matrix *w, int64_t n, int W, const int32_t *t,
-                                                             const float *ts, float (*out)[16]) {
+                                                             const float *ts, float (*out)[TURN]) {
     const int64_t groups = w->k / GROUP, step = w->bits * GROUP / 8;
-    __m512 acc[4];
-    for (int j = 0; j < W; j++) acc[j] = _mm512_setzero_ps();
+    fvec acc[4];
+    for (int j = 0; j < W; j++) acc[j] = FZERO();
     for (int64_t g = 0; g < groups; g++) {
-        int32_t pairs[4][16];   /* each row's group of 32 weights as 16 pairs of int16 */
-        __m512i sum[4];
+        int32_t pairs[4][PAIRS];
+        ivec sum[4];
         for (int j = 0; j < W; j++) {
             const uint8_t *q = w->q + (n + j) * w->k * w->bits / 8 + g * step;
             if ((g & 1) == 0) _mm_prefetch((const char *)(q + 4096), _MM_HINT_T0);
-            _mm512_storeu_si512(pairs[j], widen(q, (int)w->bits));
-            sum[j] = _mm512_setzero_si512();
+            weight_pairs(q, (int)w->bits, pairs[j]);
+            sum[j] = IZERO();
         }
-        for (int p = 0; p < 16; p++) {
-            const __m512i x = _mm512_loadu_si512(t + (g * 16 + p) * 16);
-            for (int j = 0; j < W; j++) sum[j] = DPWSSD(sum[j], _mm512_set1_epi32(pairs[j][p]), x);
+        for (int p = 0; p < PAIRS; p++) {
+            const ivec x = ILOAD(t + (g * PAIRS + p) * TURN);
+            for (int j = 0; j < W; j++) sum[j] = DPWSSD(sum[j], ISET1(pairs[j][p]), x);
         }
-        const __m512 xs = _mm512_loadu_ps(ts + g * 16);
+        const fvec xs = FLOAD(ts + g * TURN);
         for (int j = 0; j < W; j++) {
             const int64_t row = n + j;
             const float s = from_bf16(w->scale[(row - row % 64) * groups + row % 64 + g * 64]);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(_mm512_set1_ps(s), xs), acc[j]);
+            acc[j] = FMADD(TOFLOAT(sum[j]), FMUL(FSET1(s), xs), acc[j]);
         }
     }
-    for (int j = 0; j < W; j++) _mm512_storeu_ps(out[j], acc[j]);
+    for (int j = 0; j < W; j++) FSTORE(out[j], acc[j]);
 }
 
-/* This thread's share of out[rows, n] (+)= x @ w.T from the turned inputs (t, ts: 16-row blocks). */
+/* This thread's share of out[rows, n] (+)= x @ w.T from the turned inputs (t, ts: TURN-row blocks). */
 static void product_turned(const mg_matrix *w, const mg_input *in, const int32_t *t, const float *ts, float *out,
                            int add) {
-    const int64_t groups = w->k / GROUP, blocks = (in->rows + 15) / 16;
+    const int64_t groups = w->k / GROUP, blocks = (in->rows + TURN - 1) / TURN;
     #pragma omp for schedule(static) nowait
     for (int64_t n0 = 0; n0 < w->n; n0 += 64) {
         const int64_t count = w->n - n0 < 64 ? w->n - n0 : 64;
         for (int64_t b = 0; b < blocks; b++) {
-            float yt[64][16], y[64];
-            const int32_t *tb = t + b * groups * 256;
-            const float *tsb = ts + b * groups * 16;
+            float yt[64][TURN], y[64];
+            const int32_t *tb = t + b * groups * PAIRS * TURN;
+            const float *tsb = ts + b * groups * TURN;
             for (int64_t n = n0; n < n0 + count; n += 4) {
                 switch (n0 + count - n >= 4 ? 4 : (int)(n0 + count - n)) {
                 case 4: dot_turned(w, n, 4, tb, tsb, yt + (n - n0)); break;
@@ -664,8 +711,8 @@ static void product_turned(const mg_matrix *w, const mg_input *in, const int32_t
                 default: dot_turned(w, n, 1, tb, tsb, yt + (n - n0));
                 }
             }
-            for (int64_t r = b * 16; r < (b + 1) * 16 && r < in->rows; r++) {
-                for (int64_t j = 0; j < count; j++) y[j] = yt[j][r - b * 16];
+            for (int64_t r = b * TURN; r < (b + 1) * TURN && r < in->rows; r++) {
+                for (int64_t j = 0; j < count; j++) y[j] = yt[j][r - b * TURN];
                 finish(w, n0, count, in->sum + r * groups, y, out + r * w->n, add);
             }
         }
@@ -681,8 +728,9 @@ int64_t mg_product_floats(const mg_matrix *w, int64_t rows) {
 }
 
 /* out[rows, n] = x[rows, k] @ w.T (out += with `add`) for a prefill's rows: the team makes the
- * rows' inputs, then splits the weight's rows. Integer forms with 16 rows or more on AVX-512
- * take the turned products (product_turned), the others the decode step's. */
+ * rows' inputs, then splits the weight's rows. Integer forms with 16 rows or more take the
+ * turned products (product_turned) where the compiler targets AVX2 or AVX-512, the others the
+ * decode step's. */
 void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, int add, float *work, int threads) {
     const int64_t k = w->k, groups = k / GROUP;
     mg_input in = {work, work + rows * k, work + rows * k + rows * groups, rows, k};
@@ -690,14 +738,14 @@ void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, in
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) prepare(&in, w, r, x + r * k);
-#if defined(__AVX512BW__)
+#ifdef TURN
         if (w->bits != 16 && rows >= 16) {
             float *turned = work + padded16(rows) * (k + 2 * groups);
             int32_t *t = (int32_t *)turned;
             float *ts = turned + padded16(rows) * k / 2;
             #pragma omp for schedule(static)
-            for (int64_t b = 0; b < padded16(rows) / 16; b++)
-                turn_inputs(&in, b, t + b * groups * 256, ts + b * groups * 16);
+            for (int64_t b = 0; b < padded16(rows) / TURN; b++)
+                turn_inputs(&in, b, t + b * groups * PAIRS * TURN, ts + b * groups * TURN);
             product_turned(w, &in, t, ts, out, add);
         } else
 #endif
