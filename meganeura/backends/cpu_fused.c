@@ -295,19 +295,64 @@ static inline __attribute__((always_inline)) void dot(const uint8_t *q, int bits
 #endif
 }
 
-/* 16 or 8 weights of a 16-bit row as floats (exact): bfloat16's bits shifted up, or float16 widened. */
-#if defined(__AVX512F__)
-static inline __m512 widen16(const uint16_t *w, int f16) {
+/* One vector of floats or int32 lanes at the widest width the compiler targets (LANES). */
+#if defined(__AVX512BW__)
+#define LANES 16
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define IZERO _mm512_setzero_si512
+#define FZERO _mm512_setzero_ps
+#define ILOAD(p) _mm512_loadu_si512(p)
+#define FLOAD _mm512_loadu_ps
+#define FSTORE _mm512_storeu_ps
+#define ISET1 _mm512_set1_epi32
+#define FSET1 _mm512_set1_ps
+#define FMUL _mm512_mul_ps
+#define FMADD _mm512_fmadd_ps
+#define FSUM _mm512_reduce_add_ps
+#define TOFLOAT _mm512_cvtepi32_ps
+#ifdef __AVX512VNNI__
+#define DPWSSD(s, a, b) _mm512_dpwssd_epi32(s, a, b)
+#else
+#define DPWSSD(s, a, b) _mm512_add_epi32(s, _mm512_madd_epi16(a, b))
+#endif
+/* 16 weights of a 16-bit row as floats (exact): bfloat16's bits shifted up, or float16 widened. */
+static inline fvec widen16(const uint16_t *w, int f16) {
     __m256i v = _mm256_loadu_si256((const __m256i *)w);
     return f16 ? _mm512_cvtph_ps(v) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
-#define LANES 16
-#elif defined(__AVX2__) && defined(__F16C__)
-static inline __m256 widen16(const uint16_t *w, int f16) {
-    __m128i v = _mm_loadu_si128((const __m128i *)w);
-    return f16 ? _mm256_cvtph_ps(v) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
+#elif defined(__AVX2__)
 #define LANES 8
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define IZERO _mm256_setzero_si256
+#define FZERO _mm256_setzero_ps
+#define ILOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define FLOAD _mm256_loadu_ps
+#define FSTORE _mm256_storeu_ps
+#define ISET1 _mm256_set1_epi32
+#define FSET1 _mm256_set1_ps
+#define FMUL _mm256_mul_ps
+#define FMADD _mm256_fmadd_ps
+#define FSUM hsum
+#define TOFLOAT _mm256_cvtepi32_ps
+#ifdef __AVXVNNI__
+#define DPWSSD(s, a, b) _mm256_dpwssd_avx_epi32(s, a, b)
+#else
+#define DPWSSD(s, a, b) _mm256_add_epi32(s, _mm256_madd_epi16(a, b))
+#endif
+/* 8 weights of a 16-bit row as floats (exact). */
+static inline fvec widen16(const uint16_t *w, int f16) {
+    __m128i v = _mm_loadu_si128((const __m128i *)w);
+    if (!f16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+#ifdef __F16C__
+    return _mm256_cvtph_ps(v);
+#else
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = from_f16(w[i]);
+    return _mm256_loadu_ps(f);
+#endif
+}
 #endif
 
 /* Dot products of one 16-bit float weight row w [k] (bfloat16, or float16 with f16 set) with R
@@ -316,24 +361,15 @@ static inline __attribute__((always_inline)) void dot16(const uint16_t *w, int f
                                                         int64_t k, int R, float *out) {
     int64_t i = 0;
     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if defined(__AVX512F__)
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+#ifdef LANES
+    fvec acc[4];
+    for (int r = 0; r < R; r++) acc[r] = FZERO();
     for (; i + LANES <= k; i += LANES) {
         if ((i & 31) == 0) _mm_prefetch((const char *)(w + i + 2048), _MM_HINT_T0);
-        const __m512 wv = widen16(w + i, f16);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + i), wv, acc[r]);
+        const fvec wv = widen16(w + i, f16);
+        for (int r = 0; r < R; r++) acc[r] = FMADD(FLOAD(x + r * ldx + i), wv, acc[r]);
     }
-    for (int r = 0; r < R; r++) sum[r] = _mm512_reduce_add_ps(acc[r]);
-#elif defined(__AVX2__) && defined(__F16C__)
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (; i + LANES <= k; i += LANES) {
-        if ((i & 31) == 0) _mm_prefetch((const char *)(w + i + 2048), _MM_HINT_T0);
-        const __m256 wv = widen16(w + i, f16);
-        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + i), wv, acc[r]);
-    }
-    for (int r = 0; r < R; r++) sum[r] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) sum[r] = FSUM(acc[r]);
 #endif
     for (int r = 0; r < R; r++) {
         for (int64_t j = i; j < k; j++) sum[r] += (f16 ? from_f16(w[j]) : from_bf16(w[j])) * x[r * ldx + j];
@@ -595,47 +631,10 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
  * loaded input vector serving 4 weight rows, then one convert and scale. Not for decode steps:
  * a row's sums would depend on how many rows share a step. */
 #define PAIRS (GROUP / 2)
-#if defined(__AVX512BW__)
-#define TURN 16
-typedef __m512i ivec;
-typedef __m512 fvec;
-#define IZERO _mm512_setzero_si512
-#define FZERO _mm512_setzero_ps
-#define ILOAD(p) _mm512_loadu_si512(p)
-#define FLOAD _mm512_loadu_ps
-#define FSTORE _mm512_storeu_ps
-#define ISET1 _mm512_set1_epi32
-#define FSET1 _mm512_set1_ps
-#define FMUL _mm512_mul_ps
-#define FMADD _mm512_fmadd_ps
-#define TOFLOAT _mm512_cvtepi32_ps
-#ifdef __AVX512VNNI__
-#define DPWSSD(s, a, b) _mm512_dpwssd_epi32(s, a, b)
-#else
-#define DPWSSD(s, a, b) _mm512_add_epi32(s, _mm512_madd_epi16(a, b))
-#endif
-#elif defined(__AVX2__)
-#define TURN 8
-typedef __m256i ivec;
-typedef __m256 fvec;
-#define IZERO _mm256_setzero_si256
-#define FZERO _mm256_setzero_ps
-#define ILOAD(p) _mm256_loadu_si256((const __m256i *)(p))
-#define FLOAD _mm256_loadu_ps
-#define FSTORE _mm256_storeu_ps
-#define ISET1 _mm256_set1_epi32
-#define FSET1 _mm256_set1_ps
-#define FMUL _mm256_mul_ps
-#define FMADD _mm256_fmadd_ps
-#define TOFLOAT _mm256_cvtepi32_ps
-#ifdef __AVXVNNI__
-#define DPWSSD(s, a, b) _mm256_dpwssd_avx_epi32(s, a, b)
-#else
-#define DPWSSD(s, a, b) _mm256_add_epi32(s, _mm256_madd_epi16(a, b))
-#endif
-#endif
 
-#ifdef TURN
+#ifdef LANES
+#define TURN LANES   /* input rows a turned vector holds */
+
 /* A group's 32 weights as 16 pairs of int16 (k order), into pairs. */
 static inline void weight_pairs(const uint8_t *q, int bits, int32_t *pairs) {
 #if defined(__AVX512BW__)
@@ -738,7 +737,7 @@ void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, in
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) prepare(&in, w, r, x + r * k);
-#ifdef TURN
+#ifdef LANES
         if (w->bits != 16 && rows >= 16) {
             float *turned = work + padded16(rows) * (k + 2 * groups);
             int32_t *t = (int32_t *)turned;
