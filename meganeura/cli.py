@@ -319,8 +319,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="weights and activations (default: %(default)s: bfloat16 on a GPU; on a CPU, the "
                                 "checkpoint's own bfloat16 where the CPU has bf16 products, else float32)")
             p.add_argument("--quantize", choices=QUANTIZE, default="auto",
-                           help="the text weights kept int8 or int4 on the CPU (default: %(default)s: a GGUF's own "
-                                "precision, e.g. Q4_1 runs 4-bit; float checkpoints: none)")
+                           help="the text weights kept int8, int4, f16 or bf16 on the CPU (default: %(default)s: a "
+                                "GGUF's own precision, e.g. Q4_1 runs 4-bit, F16 f16; float32 checkpoints: none)")
             p.add_argument("--kv-cache-mb", type=_positive, default=None, metavar="MB",
                            help="the KV cache's budget (default: a fifth of free GPU memory; on the CPU 2 GiB of "
                                 "address space, taken as RAM only by tokens in use)")

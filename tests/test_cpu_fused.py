@@ -151,13 +151,19 @@ def test_prefills_multiply_by_the_steps_weights_in_place(quantize):
     (merged q|k|v and gate|up included), so torch never packs a second copy of them."""
     rt = _runner(tiny_llama(), quantize)
     step = rt._fused_step()
-    rt.prefill(np.arange(1, 30), rt.cache.take(40))
-    merged = [c for c in rt.store.constants.values() if isinstance(c, CompactWeight)]
-    weights = merged + [w for w in rt.store.parameters.values() if isinstance(w, CompactWeight)]
-    assert len(merged) == 2 * 2 and step is rt._fused_step()  # q|k|v, gate|up in each of 2 layers
-    for w in weights:
-        assert w.shared_product is not None and getattr(w, "_packed", None) is None
-        assert getattr(w, "codes", getattr(w, "values", None)) is not None
+    slot = rt.cache.take(40)
+    for reload in (False, True):  # a parameter set again: a new step, the graphs' merges made again
+        if reload:
+            norm = "model.norm.weight"
+            rt.store.set_parameter(norm, rt.store.sources[norm]())
+            assert rt._fused_step() is not step
+        rt.prefill(np.arange(1, 30), slot)
+        merged = [c for c in rt.store.constants.values() if isinstance(c, CompactWeight)]
+        weights = merged + [w for w in rt.store.parameters.values() if isinstance(w, CompactWeight)]
+        assert len(merged) == 2 * 2  # q|k|v, gate|up in each of 2 layers
+        for w in weights:
+            assert w.shared_product is not None and getattr(w, "_packed", None) is None
+            assert getattr(w, "codes", getattr(w, "values", None)) is not None
 
 
 @pytest.mark.parametrize("form", ["int4", "int8", "bf16", "f16"])

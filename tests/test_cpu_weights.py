@@ -115,9 +115,9 @@ def test_a_rows_result_does_not_depend_on_the_row_count(form):
     each row's result has the same bits whatever else is in the batch."""
     w = make_weight(_weight((192, 576)), form)
     x = _rows(576, n=40)
-    alone = torch.cat([w.product(x[i:i + 1], torch.float32) for i in range(40)])
+    alone = torch.cat([w.product(x[i:i + 1], torch.float32, invariant=True) for i in range(40)])
     for m in (2, 3, 8, 17, 40):
-        assert torch.equal(w.product(x[:m], torch.float32), alone[:m])
+        assert torch.equal(w.product(x[:m], torch.float32, invariant=True), alone[:m])
 
 
 @pytest.mark.parametrize("form, numbers", [("int4", "codes"), ("int8", "values"), ("bf16", "values")])
@@ -141,3 +141,25 @@ def test_quantizing_in_row_chunks_gives_each_row_as_alone(form, fields):
     for rows in (slice(0, 10), slice(4090, 4100), slice(8990, 9000)):
         alone = make_weight(w[rows], form)
         assert all(torch.equal(getattr(whole, f)[rows], getattr(alone, f)) for f in fields)
+
+
+def test_float16_refuses_weights_beyond_its_range():
+    w = _weight((4, 32))
+    w[1, 3] = 7e4
+    with pytest.raises(ValueError, match="float16 holds magnitudes up to 65504.*bf16"):
+        make_weight(w, "f16")
+
+
+def test_float16_fallback_pairs_rows_only_where_asked(monkeypatch):
+    """Without the compiled step, f16 products of a decode graph (invariant) run two rows at a
+    time (each widening the weight); a prefill's run all rows in one product (pairs were ~10x
+    slower there)."""
+    w = make_weight(_weight((96, 64)), "f16")
+    x = _rows(64, n=33)
+    calls = []
+    whole = w.unpacked_product
+    monkeypatch.setattr(w, "unpacked_product", lambda rows: calls.append(len(rows)) or whole(rows))
+    paired = w.product(x, invariant=True)
+    assert calls == [2] * 17
+    calls.clear()
+    assert torch.allclose(w.product(x), paired, rtol=1e-5, atol=1e-6) and calls == [33]

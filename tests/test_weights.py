@@ -697,3 +697,29 @@ def test_dropped_pages_read_back_the_same_values(gguf_ckpt, hf_folders):
         assert ckpt.tensors.mappings
         ckpt.tensors.drop_pages()
         assert all(np.array_equal(ckpt.tensors[n], before[n]) for n in names)
+
+
+def test_parts_of_one_merged_product_stored_in_two_types_load_and_run(written_ggufs):
+    """The tiny file stores q F32, k Q8_0, v Q4_0 (one merged q|k|v) and gate F16, up BF16 (one
+    merged gate|up): on the CPU each merge's parts take one form (float here), so the graphs can
+    merge them; an all-integer mix widens to int8."""
+    from meganeura.engine.runner import ModelRunner, ModelSpec
+    from meganeura.models import smollm2
+    from meganeura.session import CompileOptions
+
+    path, weights = written_ggufs[False]
+    ckpt = load_checkpoint(path, progress=False)
+    spec = ModelSpec(text=smollm2.from_hf(ckpt.config), names=smollm2.NAMES)
+    rt = ModelRunner(spec, CompileOptions(backend="torch", quantize="auto"))
+    rt.load_weights(ckpt.tensors, ckpt.source)
+    forms = rt.store.forms
+    layer = "model.layers.0."
+    assert not {n for n in forms if "q_proj" in n or "k_proj" in n or "v_proj" in n or "gate" in n or "up_" in n}
+    assert forms[layer + "self_attn.o_proj.weight"] == "int4" and forms[layer + "mlp.down_proj.weight"] == "int8"
+    assert rt._one_form_a_merge({"a": "int4", "b": "int8"}) == {"a": "int4", "b": "int8"}  # not a merge
+    qkv = [layer + f"self_attn.{p}_proj.weight" for p in "qkv"]
+    assert rt._one_form_a_merge(dict(zip(qkv, ["int4", "int4", "int8"]))) == dict.fromkeys(qkv, "int8")
+    slot = rt.cache.take(8)
+    logits = rt.to_host(rt.prefill([1, 2, 3], slot))
+    assert np.isfinite(logits).all()
+    assert np.isfinite(rt.to_host(rt.decode([4], [3], [slot]))).all()

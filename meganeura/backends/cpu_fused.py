@@ -157,16 +157,14 @@ class _Product:
 
     def __init__(self, lib, matrix: _Matrix, keep: list) -> None:
         self.lib, self.matrix, self.keep = lib, matrix, keep  # keep: the tensors matrix points into
-        self._work = _floats(0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(device="cpu", dtype=torch.float32).contiguous()
         rows, m = len(x), ctypes.byref(self.matrix)
-        need = self.lib.mg_product_floats(m, rows)
-        if self._work.numel() < need:
-            self._work = _floats(need)
+        # scratch made per call: kept per weight, a long prompt's would stay (~40 MB a layer at 2k rows)
+        work = _floats(self.lib.mg_product_floats(m, rows))
         out = _floats(rows, self.matrix.n)
-        self.lib.mg_product(m, rows, x.data_ptr(), out.data_ptr(), 0, self._work.data_ptr(), torch.get_num_threads())
+        self.lib.mg_product(m, rows, x.data_ptr(), out.data_ptr(), 0, work.data_ptr(), torch.get_num_threads())
         return out
 
 
@@ -271,12 +269,15 @@ def fused_step(runner) -> FusedStep | None:
         return None
 
     def weight(name: str):
+        """The store's weight (made again if released or packed for torch), which the graphs
+        read too: both merge the same parts, so they share the merged weight."""
         w = store.parameters.get(name)
-        if w is not None and getattr(w, "codes", getattr(w, "values", None)) is not None:  # not dropped by packing
-            return w
-        return store.backend.weight(store.sources[name](), store.forms[name])
+        if w is None or getattr(w, "codes", getattr(w, "values", None)) is None:
+            store.release([name])
+            w = store.parameter(name)
+        return w
 
     try:
         return FusedStep(lib, runner, weight)
-    except ValueError:
+    except (ValueError, TypeError):  # a form the step does not read; parts of a merge in two forms
         return None

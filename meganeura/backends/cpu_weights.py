@@ -52,12 +52,14 @@ class CompactWeight:
     shared_product = None  # x -> x @ w.T over the numbers in place, once the compiled step reads them
     merged = None  # (weak refs to parts, their concat_rows): merging them again gives that same weight
 
-    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x @ w.T, in out_dtype or else the kernel's own (no extra cast)."""
-        out = self.shared_product(x) if self.shared_product is not None else self._torch_product(x)
+    def product(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, invariant: bool = False) -> torch.Tensor:
+        """x @ w.T, in out_dtype or else the kernel's own (no extra cast). `invariant`: each row's
+        bits must not depend on the row count (a decode graph's); the forms' kernels compute each
+        row alone anyway, but for F16Weight's float32 fallback."""
+        out = self.shared_product(x) if self.shared_product is not None else self._torch_product(x, invariant)
         return out if out_dtype is None else out.to(out_dtype)
 
-    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -122,7 +124,7 @@ class Int4Weight(CompactWeight):
                 self.codes = self.scales = self.mins = None
         return self._packed
 
-    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         return _int4_product(x, self.packed(), self.shape[0])  # bfloat16
 
     def effective(self) -> torch.Tensor:
@@ -159,7 +161,7 @@ class Int8Weight(CompactWeight):
                 self.values = self.scales = None
         return self._packed
 
-    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         high, low = self.packed()
         n = self.shape[0]
         return _int4_product(x, high, n).float() + _int4_product(x, low, n).float()
@@ -169,28 +171,37 @@ class Int8Weight(CompactWeight):
         return self.values.float() * scale
 
 
-def _widened_product(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x @ values.T in float32, the 16-bit values widened (exactly) a block of rows at a time
-    (written into one output: a 1,000-row prefill's logits are 0.2 GB, not to be held twice)."""
-    x = x.float()
-    out = torch.empty(len(x), len(values), dtype=torch.float32, device=x.device)
-    for i in range(0, len(values), _PACK_CHUNK):
-        out[:, i:i + _PACK_CHUNK] = x @ values[i:i + _PACK_CHUNK].float().T
-    return out
+class _Float16Bits(CompactWeight):
+    """values [N, K] in a 16-bit float type. Their `unpacked_product`, the compiled step's
+    prefills' (cpu_fused.py), widens the values to float32 (exact) a block of rows at a time and
+    keeps the inputs float32: a float32 model stays float32 but for its weights' own rounding."""
+
+    values: torch.Tensor
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        return self.values[ids].float()
+
+    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """All rows at once (a prefill's: one output, no concatenation of 0.2 GB of logits)."""
+        x = x.float()
+        out = torch.empty(len(x), self.shape[0], dtype=torch.float32, device=x.device)
+        for i in range(0, self.shape[0], _PACK_CHUNK):
+            out[:, i:i + _PACK_CHUNK] = x @ self.values[i:i + _PACK_CHUNK].float().T
+        return out
+
+    def effective(self) -> torch.Tensor:
+        return self.values.float()
 
 
-class Bf16Weight(CompactWeight):
-    """values bfloat16 [N, K]. Products round their rows to bfloat16 and their output too (the
-    kernel accumulates in float32): the lm_head's logits come out at bf16 precision, as a
-    bfloat16 transformers model gives them."""
+class Bf16Weight(_Float16Bits):
+    """values bfloat16 [N, K]. torch's products (packed for oneDNN) round their rows to bfloat16
+    and their output too (the kernel accumulates in float32): the lm_head's logits come out at
+    bf16 precision, as a bfloat16 transformers model gives them."""
 
     def __init__(self, values: torch.Tensor) -> None:
         self.values = values.to(torch.bfloat16).contiguous()
         self.shape = tuple(values.shape)
         self._packed = None
-
-    def __getitem__(self, ids) -> torch.Tensor:
-        return self.values[ids].float()
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:
@@ -199,44 +210,32 @@ class Bf16Weight(CompactWeight):
                 self.values = None
         return self._packed
 
-    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed(), None, "none", [], "")
 
-    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
-        """oneDNN's product over the values as they are (~1.3x slower than packed at 128 rows);
-        on a CPU without bf16 products, float32 products of the widened values."""
-        if bf16_products():
-            return torch.nn.functional.linear(x.to(torch.bfloat16), self.values)
-        return _widened_product(x, self.values)
 
-    def effective(self) -> torch.Tensor:
-        return self.values.float()
+F16_MAX = 65504.0
 
 
-class F16Weight(CompactWeight):
-    """values float16 [N, K]. Products widen the weight to float32 (exact) a block of rows at a
-    time: at 128 rows as fast as oneDNN's float16 product here (docs/perf.md); one-row decode
-    steps are the compiled step's (without it, correct but slow)."""
+class F16Weight(_Float16Bits):
+    """values float16 [N, K]. Without the compiled step, products widen the weight too (at 128
+    rows as fast here as oneDNN's float16 product, docs/perf.md), decode graphs' two rows at a
+    time (correct, not fast)."""
 
     def __init__(self, values: torch.Tensor) -> None:
+        if values.dtype != torch.float16 and values.numel() and values.abs().max() > F16_MAX:
+            raise ValueError(f"float16 holds magnitudes up to {F16_MAX:g}, this weight has "
+                             f"{float(values.abs().max()):.4g}: quantize it as bf16 instead")
         self.values = values.to(torch.float16).contiguous()
         self.shape = tuple(values.shape)
 
-    def __getitem__(self, ids) -> torch.Tensor:
-        return self.values[ids].float()
-
-    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
-        """All rows at once (a prefill's: fast; a row's bits may depend on the row count)."""
-        return _widened_product(x, self.values)
-
-    def _torch_product(self, x: torch.Tensor) -> torch.Tensor:
-        """Two rows at a time (a lone row doubled): torch's float32 product takes another kernel
-        for one row than for several, so pairs give each row the same bits whatever the batch."""
+    def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+        if not invariant:
+            return self.unpacked_product(x)
+        # torch's float32 product takes another kernel for one row than for several: two rows
+        # at a time (a lone row doubled) give each row the same bits whatever the batch
         pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].repeat(2, 1) for i in range(0, len(x), 2)]
         return torch.cat([self.unpacked_product(p) for p in pairs])[:len(x)]
-
-    def effective(self) -> torch.Tensor:
-        return self.values.float()
 
 
 def bf16_products() -> bool:

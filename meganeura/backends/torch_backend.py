@@ -325,7 +325,7 @@ def op_linear(node: Node, x, w, *extra):
         # (on the CPU `_addmm_activation` applies the erf GELU: not SigLIP's)
         return F.gelu(x @ w.T if bias is None else torch.addmm(bias, x, w.T), approximate="tanh")
     if isinstance(w, CompactWeight):
-        return _compact_linear(x, w, bias, residual, a["float_out"])
+        return _compact_linear(x, w, bias, residual, a["float_out"], a["batch_invariant"])
 
     def product(rows):
         if a["float_out"] and rows.dtype != torch.float32:
@@ -345,10 +345,10 @@ def op_linear(node: Node, x, w, *extra):
     return out if residual is None else out.add_(residual)
 
 
-def _compact_linear(x, w: CompactWeight, bias, residual, float_out: bool):
-    """int4/int8 weights on the CPU (cpu_weights.py). Their kernels compute each row alone (the
-    same bits for 1..40 rows, tested), so no row pairs."""
-    out = w.product(x)  # in the kernel's own dtype
+def _compact_linear(x, w: CompactWeight, bias, residual, float_out: bool, invariant: bool):
+    """Compact weights on the CPU (cpu_weights.py). Their kernels compute each row alone (the
+    same bits for 1..40 rows, tested), so no row pairs here (F16Weight's fallback pairs its own)."""
+    out = w.product(x, invariant=invariant)  # in the kernel's own dtype
     if residual is not None and bias is None and not float_out and residual.dtype in (out.dtype, torch.float32):
         # one op: rounding the product to the model's dtype first would change nothing here
         return residual + out

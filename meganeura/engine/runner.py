@@ -123,7 +123,10 @@ class ModelRunner:
                 read = lambda name=name: tensors.blocks(name) or tensors[name]  # noqa: E731  (a folder: no blocks)
             else:
                 read = lambda name=name: tensors[name]  # noqa: E731
-            self.store.set_parameter(name, read(), reload=read, form=form)
+            try:
+                self.store.set_parameter(name, read(), reload=read, form=form)
+            except ValueError as e:  # a value a form cannot hold (float16's range)
+                raise ValueError(f"{source}: tensor {name!r}: {e}") from None
             drop_pages()
             if form and name in self._lookup_tables:  # a tied head: rows are looked up too
                 self.store.parameters[name].lookups = True
@@ -179,6 +182,7 @@ class ModelRunner:
                     forms[name] = "int4" if int(bits.group(1)) <= 4 else "int8"
                 elif kind in ("F16", "BF16") and self.options.dtype == "float32" and fused_library_built():
                     forms[name] = kind.lower()
+            forms = self._one_form_a_merge(forms)
             kinds = sorted({stored(n) for n in weights}) if stored else ["unknown types"]
             self.weight_form_reason = f"auto: the checkpoint's own precision ({', '.join(kinds)})"
         if on_cpu and self.options.dtype == "bfloat16":
@@ -187,6 +191,33 @@ class ModelRunner:
             forms.update({n: "bf16" for n in packed})
             if packed:
                 self.weight_form_reason += "; float weights packed for the CPU's bf16 products"
+        return forms
+
+    @functools.cached_property
+    def _merges(self) -> list[list[str]]:
+        """Product weights the graph passes merge into one product: linears reading the same
+        input (q|k|v, gate|up; passes/fusions.py, merge_sibling_linears)."""
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        siblings: dict = {}
+        for n in g.nodes:
+            if n.op == "linear" and n.inputs[1].op == "parameter":
+                siblings.setdefault(n.inputs[0], []).append(n.inputs[1].name)
+        return [names for names in siblings.values() if len(names) > 1]
+
+    def _one_form_a_merge(self, forms: dict[str, str]) -> dict[str, str]:
+        """Parts of one merged product in one form (a file may store q and k 4-bit, v 8-bit, as
+        Q4_K_M files do): integer forms widen to int8; any other mix stays float."""
+        forms = dict(forms)
+        for names in self._merges:
+            found = {forms.get(n) for n in names}
+            if len(found) > 1:
+                unified = "int8" if found <= {"int4", "int8"} else None
+                for n in names:
+                    if unified:
+                        forms[n] = unified
+                    else:
+                        forms.pop(n, None)
         return forms
 
     # ---- the KV cache -----------------------------------------------------------------
