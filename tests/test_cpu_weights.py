@@ -157,8 +157,8 @@ def test_float16_fallback_pairs_rows_only_where_asked(monkeypatch):
     w = make_weight(_weight((96, 64)), "f16")
     x = _rows(64, n=33)
     calls = []
-    whole = w.unpacked_product
-    monkeypatch.setattr(w, "unpacked_product", lambda rows: calls.append(len(rows)) or whole(rows))
+    whole = w._widened
+    monkeypatch.setattr(w, "_widened", lambda rows: calls.append(len(rows)) or whole(rows))
     paired = w.product(x, invariant=True)
     assert calls == [2] * 17
     calls.clear()

@@ -628,8 +628,9 @@ void mg_decode(const mg_model *m, int64_t rows, float *x, const int64_t *pos, co
  * vector operations a group and row (products, convert, scale, add): compute-bound at many rows.
  * Here one vector holds one pair of a group's inputs for TURN rows, so a group's sums for all of
  * them take its 16 pairs' `vpdpwssd`s (or multiply-adds) with the weight pair broadcast, each
- * loaded input vector serving 4 weight rows, then one convert and scale. Not for decode steps:
- * a row's sums would depend on how many rows share a step. */
+ * loaded input vector serving 4 weight rows, then one convert and scale. Each row's arithmetic is
+ * its own lane's, whatever the other rows. Not for decode steps: one row a step would pay for a
+ * block of TURN. */
 #define PAIRS (GROUP / 2)
 
 #ifdef LANES
@@ -727,9 +728,11 @@ int64_t mg_product_floats(const mg_matrix *w, int64_t rows) {
 }
 
 /* out[rows, n] = x[rows, k] @ w.T (out += with `add`) for a prefill's rows: the team makes the
- * rows' inputs, then splits the weight's rows. Integer forms with 16 rows or more take the
- * turned products (product_turned) where the compiler targets AVX2 or AVX-512, the others the
- * decode step's. */
+ * rows' inputs, then splits the weight's rows. Integer forms take the turned products
+ * (product_turned) where the compiler targets AVX2 or AVX-512, whatever the row count (a few
+ * rows are padded to a block), so that a row's result never depends on how a prompt is cut into
+ * chunks or what a cached prefix left to compute; the others the decode step's, which is
+ * row-invariant too. */
 void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, int add, float *work, int threads) {
     const int64_t k = w->k, groups = k / GROUP;
     mg_input in = {work, work + rows * k, work + rows * k + rows * groups, rows, k};
@@ -738,7 +741,7 @@ void mg_product(const mg_matrix *w, int64_t rows, const float *x, float *out, in
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) prepare(&in, w, r, x + r * k);
 #ifdef LANES
-        if (w->bits != 16 && rows >= 16) {
+        if (w->bits != 16) {
             float *turned = work + padded16(rows) * (k + 2 * groups);
             int32_t *t = (int32_t *)turned;
             float *ts = turned + padded16(rows) * k / 2;

@@ -5,9 +5,8 @@ dispatch and an OpenMP region's start, and torch's int4 kernel alone took longer
 whole token on an AVX2 CPU (docs/perf.md). Here the step is one call into C: its own products
 over the weights' 4-bit and 8-bit codes or 16-bit floats, and RMSNorm, RoPE, the paged cache
 write, attention and SwiGLU in loops between them, the threads meeting at 5 barriers a layer
-(docs/design.md, "The fused CPU decode step"). Prefills multiply by the weights it reads in place
-(`CompactWeight.shared_product`: the integer forms through the same C products), so torch never
-packs a second copy of them.
+(docs/design.md, "The fused CPU decode step"). Prefills multiply by the weights it reads in place,
+through its C products (`CompactWeight.shared_product`), so torch never packs a second copy.
 
 The C source is compiled once per machine with the system's C compiler (`cc -O3
 -march=native -fopenmp`, ~1 s) into the user's cache directory; a later start only loads it.
@@ -152,8 +151,9 @@ def _matrix(w, keep: list) -> _Matrix | None:
 
 
 class _Product:
-    """x -> float32 x @ w.T through the compiled product: an integer weight's `shared_product`
-    once the step reads it (prefills then use the decode step's arithmetic)."""
+    """x -> float32 x @ w.T through the compiled product: a weight's `shared_product` once the
+    step reads it. Each row's result is the same whatever the row count (a prompt cut into
+    chunks, or a cached prefix's remainder, gives the bits of the whole prompt's prefill)."""
 
     def __init__(self, lib, matrix: _Matrix, keep: list) -> None:
         self.lib, self.matrix, self.keep = lib, matrix, keep  # keep: the tensors matrix points into
@@ -202,7 +202,7 @@ class FusedStep:
         if head is None:
             raise ValueError("the lm_head is not in a form the fused step reads")
         for w, matrix in bound + [(head_weight, head)]:  # never packed: the step reads their numbers
-            w.shared_product = w.unpacked_product if matrix.bits == 16 else _Product(lib, matrix, self._keep)
+            w.shared_product = _Product(lib, matrix, self._keep)
         self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                             cfg.head_dim, cfg.intermediate_size, 0, 0, cfg.rms_norm_eps, self.layers, head,
                             norm[names.model + "norm.weight"].data_ptr())

@@ -21,9 +21,8 @@ rounds its output to bfloat16; scale and zero are bfloat16 there too. Lookups (a
 table that is also the tied lm_head) dequantize rows exactly, in float32.
 
 The compiled CPU decode step (cpu_fused.py) reads the forms' own numbers. The weights it reads
-get a `shared_product` that leaves them in place, so torch never packs a second copy: for the
-integer forms the step's own C product (prefills then multiply as decode steps do), for the
-16-bit forms torch's product over the same values.
+get its C product as `shared_product`, over the numbers in place, so torch never packs a second
+copy (and a row's result never depends on how many rows a prefill has).
 """
 
 from __future__ import annotations
@@ -172,22 +171,12 @@ class Int8Weight(CompactWeight):
 
 
 class _Float16Bits(CompactWeight):
-    """values [N, K] in a 16-bit float type. Their `unpacked_product`, the compiled step's
-    prefills' (cpu_fused.py), widens the values to float32 (exact) a block of rows at a time and
-    keeps the inputs float32: a float32 model stays float32 but for its weights' own rounding."""
+    """values [N, K] in a 16-bit float type."""
 
     values: torch.Tensor
 
     def __getitem__(self, ids) -> torch.Tensor:
         return self.values[ids].float()
-
-    def unpacked_product(self, x: torch.Tensor) -> torch.Tensor:
-        """All rows at once (a prefill's: one output, no concatenation of 0.2 GB of logits)."""
-        x = x.float()
-        out = torch.empty(len(x), self.shape[0], dtype=torch.float32, device=x.device)
-        for i in range(0, self.shape[0], _PACK_CHUNK):
-            out[:, i:i + _PACK_CHUNK] = x @ self.values[i:i + _PACK_CHUNK].float().T
-        return out
 
     def effective(self) -> torch.Tensor:
         return self.values.float()
@@ -218,9 +207,9 @@ F16_MAX = 65504.0
 
 
 class F16Weight(_Float16Bits):
-    """values float16 [N, K]. Without the compiled step, products widen the weight too (at 128
-    rows as fast here as oneDNN's float16 product, docs/perf.md), decode graphs' two rows at a
-    time (correct, not fast)."""
+    """values float16 [N, K]. Without the compiled step, products widen the weight to float32
+    (exact) a block of rows at a time (at 128 rows as fast here as oneDNN's float16 product),
+    decode graphs' two rows at a time (correct, not fast)."""
 
     def __init__(self, values: torch.Tensor) -> None:
         if values.dtype != torch.float16 and values.numel() and values.abs().max() > F16_MAX:
@@ -231,11 +220,19 @@ class F16Weight(_Float16Bits):
 
     def _torch_product(self, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         if not invariant:
-            return self.unpacked_product(x)
+            return self._widened(x)
         # torch's float32 product takes another kernel for one row than for several: two rows
         # at a time (a lone row doubled) give each row the same bits whatever the batch
         pairs = [x[i:i + 2] if i + 1 < len(x) else x[i:].repeat(2, 1) for i in range(0, len(x), 2)]
-        return torch.cat([self.unpacked_product(p) for p in pairs])[:len(x)]
+        return torch.cat([self._widened(p) for p in pairs])[:len(x)]
+
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        """All rows at once, into one output (a prefill's logits can be 0.2 GB: not held twice)."""
+        x = x.float()
+        out = torch.empty(len(x), self.shape[0], dtype=torch.float32, device=x.device)
+        for i in range(0, self.shape[0], _PACK_CHUNK):
+            out[:, i:i + _PACK_CHUNK] = x @ self.values[i:i + _PACK_CHUNK].float().T
+        return out
 
 
 def bf16_products() -> bool:
