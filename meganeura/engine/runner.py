@@ -137,19 +137,24 @@ class ModelRunner:
             self.weight_form_reason += "; " + ", ".join(f"{n} weights {f}" for f, n in counts.items())
 
     @functools.cached_property
+    def _text_declaration(self) -> Graph:
+        """A one-row text graph, unoptimized: which parameters are products, lookups, merges."""
+        g = Graph()
+        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        return g
+
+    @functools.cached_property
     def _product_weights(self) -> tuple[set[str], str]:
         """The text decoder's parameters that are the weight of a product (linear), and the
         lm_head's (the embedding table when tied)."""
-        g = Graph()
-        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        g = self._text_declaration
         linears = [n for n in g.nodes if n.op == "linear" and n.inputs[1].op == "parameter"]
         head = next(n.inputs[1].name for n in linears if n.attrs["float_out"])
         return {n.inputs[1].name for n in linears}, head
 
     @functools.cached_property
     def _lookup_tables(self) -> set[str]:
-        g = Graph()
-        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
+        g = self._text_declaration
         return {n.inputs[1].name for n in g.nodes if n.op == "embedding" and n.inputs[1].op == "parameter"}
 
     def weight_forms(self, tensors: Mapping) -> dict[str, str]:
@@ -197,10 +202,8 @@ class ModelRunner:
     def _merges(self) -> list[list[str]]:
         """Product weights the graph passes merge into one product: linears reading the same
         input (q|k|v, gate|up; passes/fusions.py, merge_sibling_linears)."""
-        g = Graph()
-        self.build_text_graph(g, rows=1, logit_rows=1, image_tokens=0, layout=self._declaring)
         siblings: dict = {}
-        for n in g.nodes:
+        for n in self._text_declaration.nodes:
             if n.op == "linear" and n.inputs[1].op == "parameter":
                 siblings.setdefault(n.inputs[0], []).append(n.inputs[1].name)
         return [names for names in siblings.values() if len(names) > 1]
